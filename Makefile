@@ -1,0 +1,33 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   - creates .venv, installs normjax, runs the flagship example in quick mode
+#   make test   - creates .venv, installs normjax with its test extras, runs the whole test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+OUT ?= outputs
+
+.PHONY: demo test lint bench docs clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test,examples,docs,dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/multi_device_training.py --quick --out $(OUT)/multi_device_training
+
+test: $(STAMP)
+	$(BIN)/ruff check normjax tests examples benchmarks
+	$(BIN)/ruff format --check normjax tests examples benchmarks
+	$(BIN)/python -m pytest -n 2 -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py --out $(OUT)/benchmarks
+
+docs: $(STAMP)
+	$(BIN)/python -m sphinx -W --keep-going -b html docs docs/_build/html
+
+clean:
+	rm -rf $(VENV) $(OUT) docs/_build

@@ -1,0 +1,236 @@
+"""BatchNorm with explicit running state, synchronized statistics, Batch Renormalization and Ghost BatchNorm."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from normjax._src import axes as axes_lib
+from normjax._src.moments import moments
+from normjax._src.normalize import _broadcastable, normalize
+from normjax._src.state import BatchNormState, ema_update
+
+
+def batch_norm(
+    x: jax.Array,
+    state: BatchNormState,
+    scale: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    *,
+    training: bool,
+    momentum: float = 0.99,
+    epsilon: float = 1e-5,
+    axis: axes_lib.Axes = -1,
+    axis_name: axes_lib.AxisName = None,
+    axis_index_groups=None,
+    mask: jax.Array | None = None,
+    unbiased_running_var: bool = False,
+    skip_nonfinite: bool = True,
+    allow_single_value: bool = False,
+    virtual_batch_size: int | None = None,
+    renorm_clipping: tuple[float, float] | None = None,
+) -> tuple[jax.Array, BatchNormState]:
+    r"""Batch Normalization (Ioffe & Szegedy, 2015), a pure function of the input and the running state.
+
+    In training, each feature is standardized with the statistics of the batch (all axes but ``axis``, and
+    every device of ``axis_name``) and the running statistics are updated:
+
+    .. math::
+
+        y = \frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}}\,\gamma + \beta, \qquad
+        \hat\mu \leftarrow m\,\hat\mu + (1 - m)\,\mu_B, \qquad
+        \hat\sigma^2 \leftarrow m\,\hat\sigma^2 + (1 - m)\,\sigma_B^2 \cdot c
+
+    with :math:`c = n/(n-1)` if ``unbiased_running_var`` (PyTorch's convention) and 1 otherwise (Flax's).
+    ``momentum`` is the weight of the old value, as in Flax: PyTorch's ``momentum=0.1`` is ``momentum=0.9``.
+    In evaluation (``training=False``) the running statistics are used and the state is returned unchanged.
+
+    State safety: features whose batch has no valid element (an empty or all-masked batch) keep their running
+    statistics exactly; with ``skip_nonfinite`` (default) so do features whose batch statistics are not
+    finite, so one NaN batch cannot erase statistics accumulated over a long run.
+
+    Args:
+      x: the input, e.g. ``(N, C)``, ``(N, H, W, C)`` or ``(C,)`` per example under ``vmap``.
+      state: the running statistics, a :class:`BatchNormState` with the feature axes' shape.
+      scale: optional :math:`\gamma`, of the feature axes' shape.
+      bias: optional :math:`\beta`, of the feature axes' shape.
+      training: use batch statistics and update the state (True), or the running statistics (False).
+      momentum: weight of the old running value, in [0, 1].
+      epsilon: a small positive number added to the variance.
+      axis: the feature axis or axes; statistics are over all the others.
+      axis_name: name(s) of mapped axes over which the batch statistics are synchronized (exact for uneven
+        per-device counts).
+      axis_index_groups: optional groups of device indices along ``axis_name`` synchronized separately.
+      mask: optional boolean array broadcastable to ``x``; False elements are ignored.
+      unbiased_running_var: store the unbiased batch variance ``n/(n-1) * var`` in the running variance.
+      skip_nonfinite: keep the old running value of a feature whose batch statistics are NaN or infinite.
+      allow_single_value: allow training when each feature sees a single value (the statistics are then
+        degenerate and the output is zero); refused by default, as in PyTorch.
+      virtual_batch_size: Ghost BatchNorm (Hoffer et al., 2017): in training, split the batch (axis 0) into
+        virtual batches of this size, each normalized with its own statistics; the running statistics receive
+        their count-weighted average.
+      renorm_clipping: Batch Renormalization (Ioffe, 2017): ``(r_max, d_max)``. In training the output is
+        corrected towards the running statistics by :math:`r = \mathrm{clip}(\sigma_B/\hat\sigma,
+        1/r_{max}, r_{max})` and :math:`d = \mathrm{clip}((\mu_B - \hat\mu)/\hat\sigma, -d_{max}, d_{max})`
+        (no gradient through either): :math:`y = (\frac{x - \mu_B}{\sigma_B} r + d)\gamma + \beta`.
+
+    Returns:
+      ``(y, new_state)``: the output in ``x``'s dtype and the new running statistics.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import normjax
+      >>> x = jnp.array([[0.0, 10.0], [2.0, 30.0]])
+      >>> state = normjax.init_batch_norm_state(2)
+      >>> y, state = normjax.batch_norm(x, state, training=True, momentum=0.9, epsilon=1e-12)
+      >>> y.tolist()
+      [[-1.0, -1.0], [1.0, 1.0]]
+      >>> state.mean.tolist()
+      [0.10000000149011612, 2.0]
+
+    References:
+      Ioffe & Szegedy, "Batch Normalization: Accelerating Deep Network Training by Reducing Internal
+      Covariate Shift", ICML 2015. Ioffe, "Batch Renormalization", NeurIPS 2017. Hoffer, Hubara & Soudry,
+      "Train longer, generalize better", NeurIPS 2017.
+    """
+    axes_lib.check_inexact(x)
+    axes_lib.check_momentum(momentum)
+    axes_lib.check_epsilon(epsilon)
+    ndim = jnp.ndim(x)
+    feature_axes = axes_lib.canonicalize_axes(axis, ndim, "axis")
+    feature_shape = tuple(x.shape[a] for a in feature_axes)
+    what = f"one value per feature along axis {feature_axes}"
+    axes_lib.check_param(scale, feature_shape, "scale", what)
+    axes_lib.check_param(bias, feature_shape, "bias", what)
+    axes_lib.check_param(state.mean, feature_shape, "state.mean", what)
+    axes_lib.check_param(state.var, feature_shape, "state.var", what)
+    axes_lib.check_mask(mask, jnp.shape(x))
+
+    if not training:
+        mean = _broadcastable(state.mean, ndim, feature_axes)
+        var = _broadcastable(state.var, ndim, feature_axes)
+        y = normalize(x, mean, var, scale, bias, epsilon=epsilon, feature_axes=feature_axes)
+        return y, state
+
+    if virtual_batch_size is not None:
+        return _ghost_batch_norm(
+            x, state, scale, bias, feature_axes=feature_axes, momentum=momentum, epsilon=epsilon,
+            axis_name=axis_name, mask=mask, unbiased_running_var=unbiased_running_var,
+            skip_nonfinite=skip_nonfinite, allow_single_value=allow_single_value,
+            virtual_batch_size=virtual_batch_size, renorm_clipping=renorm_clipping,
+        )  # fmt: skip
+
+    reduction_axes = axes_lib.complement(feature_axes, ndim)
+    _check_enough_values(x.shape, reduction_axes, mask, axis_name, allow_single_value)
+    stats = moments(
+        x, reduction_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups, keepdims=True
+    )
+    scale, bias = _renormalized_affine(stats, state, scale, bias, feature_axes, renorm_clipping, epsilon)
+    y = normalize(x, stats.mean, stats.var, scale, bias, epsilon=epsilon, feature_axes=feature_axes)
+    squeeze = lambda a: jnp.reshape(a, feature_shape)  # noqa: E731
+    new_state = _update_state(
+        state,
+        squeeze(stats.mean),
+        squeeze(stats.var),
+        squeeze(stats.count),
+        momentum=momentum,
+        unbiased_running_var=unbiased_running_var,
+        skip_nonfinite=skip_nonfinite,
+    )
+    return y, new_state
+
+
+def _check_enough_values(shape, reduction_axes, mask, axis_name, allow_single_value) -> None:
+    per_feature = 1
+    for a in reduction_axes:
+        per_feature *= shape[a]
+    if per_feature == 1 and mask is None and axis_name is None and not allow_single_value:
+        raise ValueError(
+            f"batch_norm in training got one value per feature (input shape {tuple(shape)}, statistics over "
+            f"axes {reduction_axes}): the batch variance is 0 and the output would be all zeros. Train with "
+            "more than one example per feature, synchronize over devices with `axis_name=...`, or pass "
+            "`allow_single_value=True` (the Flax layers do so during initialization)."
+        )
+
+
+def _renormalized_affine(stats, state, scale, bias, feature_axes, renorm_clipping, epsilon):
+    """Folds Batch Renormalization's r and d into the affine parameters: (x̂·r + d)·γ + β."""
+    if renorm_clipping is None:
+        return scale, bias
+    r_max, d_max = renorm_clipping
+    feature_shape = jnp.shape(state.mean)
+    batch_std = jnp.sqrt(jnp.reshape(stats.var, feature_shape) + epsilon)
+    running_std = jnp.sqrt(state.var + epsilon)
+    r = jax.lax.stop_gradient(jnp.clip(batch_std / running_std, 1.0 / r_max, r_max))
+    d = jax.lax.stop_gradient(
+        jnp.clip((jnp.reshape(stats.mean, feature_shape) - state.mean) / running_std, -d_max, d_max)
+    )
+    gamma = jnp.ones(feature_shape, r.dtype) if scale is None else scale
+    beta = jnp.zeros(feature_shape, r.dtype) if bias is None else bias
+    return gamma * r, beta + gamma * d
+
+
+def _unbiased(var, count):
+    """Bessel's correction n/(n-1), left out where n <= 1 so a single value never divides by zero."""
+    return var * jnp.where(count > 1, count / jnp.maximum(count - 1, 1), 1.0)
+
+
+def _update_state(state, mean, var, count, *, momentum, unbiased_running_var, skip_nonfinite):
+    if unbiased_running_var:
+        var = _unbiased(var, count)
+    keep = count == 0
+    if skip_nonfinite:
+        keep = keep | ~(jnp.isfinite(mean) & jnp.isfinite(var))
+    return ema_update(state, mean, var, keep, momentum=momentum)
+
+
+def _ghost_batch_norm(
+    x, state, scale, bias, *, feature_axes, momentum, epsilon, axis_name, mask, unbiased_running_var,
+    skip_nonfinite, allow_single_value, virtual_batch_size, renorm_clipping,
+):  # fmt: skip
+    if axis_name is not None:
+        raise ValueError(
+            "`virtual_batch_size` splits each device's local batch into virtual batches normalized on their own, "
+            "so it cannot be combined with `axis_name`. For virtual batches that span devices use "
+            "`axis_name` with `axis_index_groups` instead."
+        )
+    if renorm_clipping is not None:
+        raise ValueError("`renorm_clipping` and `virtual_batch_size` cannot be combined; choose one.")
+    if 0 in feature_axes:
+        raise ValueError(
+            f"`virtual_batch_size` splits axis 0 (the batch axis), but `axis`={feature_axes} makes it a feature "
+            "axis. Put the batch first."
+        )
+    batch = x.shape[0]
+    if not isinstance(virtual_batch_size, int) or virtual_batch_size < 1 or batch % virtual_batch_size:
+        raise ValueError(
+            f"`virtual_batch_size`={virtual_batch_size!r} must be a positive int that divides the batch size "
+            f"{batch} (axis 0 of x). Choose a divisor of {batch}, or pad the batch and mask the padding."
+        )
+    ghosts = batch // virtual_batch_size
+    grouped_shape = (ghosts, virtual_batch_size) + x.shape[1:]
+    xg = jnp.reshape(x, grouped_shape)
+    mask_g = None if mask is None else jnp.reshape(jnp.broadcast_to(mask, x.shape), grouped_shape)
+    # Axis 0 now indexes virtual batches; statistics are per virtual batch and feature.
+    grouped_features = tuple(a + 1 for a in feature_axes)
+    reduction_axes = axes_lib.complement((0,) + grouped_features, xg.ndim)
+    _check_enough_values(xg.shape, reduction_axes, mask_g, None, allow_single_value)
+    stats = moments(xg, reduction_axes, mask=mask_g, keepdims=True)
+    y = normalize(xg, stats.mean, stats.var, scale, bias, epsilon=epsilon, feature_axes=grouped_features)
+
+    # The running statistics see the count-weighted average of the virtual batches' statistics.
+    weights = stats.count / jnp.maximum(jnp.sum(stats.count, axis=0, keepdims=True), 1)
+    feature_shape = jnp.shape(state.mean)
+    average = lambda a: jnp.reshape(jnp.sum(a * weights, axis=0), feature_shape)  # noqa: E731
+    count = jnp.reshape(jnp.sum(stats.count, axis=0), feature_shape)
+    var = _unbiased(stats.var, stats.count) if unbiased_running_var else stats.var
+    new_state = _update_state(
+        state,
+        average(stats.mean),
+        average(var),
+        count,
+        momentum=momentum,
+        unbiased_running_var=False,
+        skip_nonfinite=skip_nonfinite,
+    )
+    return jnp.reshape(y, x.shape), new_state

@@ -1,0 +1,75 @@
+"""Standardization and the affine transform: the one place normalized outputs are computed."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from normjax._src import axes as axes_lib
+
+
+def _broadcastable(param: jax.Array, ndim: int, feature_axes: tuple[int, ...]) -> jax.Array:
+    """Reshapes a parameter of the feature axes' shape so it broadcasts against a rank-`ndim` array."""
+    shape = [1] * ndim
+    for a, size in zip(feature_axes, jnp.shape(param), strict=True):
+        shape[a] = size
+    return jnp.reshape(param, shape)
+
+
+def normalize(
+    x: jax.Array,
+    mean: jax.Array,
+    var: jax.Array,
+    scale: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    *,
+    epsilon: float = 1e-5,
+    feature_axes: axes_lib.Axes = -1,
+    dtype=None,
+) -> jax.Array:
+    r"""Standardizes ``x`` with given moments and applies an optional affine transform.
+
+    .. math::
+
+        y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} \cdot \gamma + \beta
+
+    The arithmetic runs in float32 or wider; the result is cast to ``dtype`` (default: ``x``'s dtype).
+
+    Args:
+      x: the input.
+      mean: the mean, broadcastable to ``x`` (e.g. :func:`normjax.moments` with ``keepdims=True``).
+      var: the variance, broadcastable to ``x``.
+      scale: optional :math:`\gamma`, of shape ``[x.shape[a] for a in feature_axes]``.
+      bias: optional :math:`\beta`, of the same shape as ``scale``.
+      epsilon: a small positive number added to the variance.
+      feature_axes: the axes of ``x`` that ``scale`` and ``bias`` run along.
+      dtype: the output dtype; defaults to ``x.dtype``.
+
+    Returns:
+      The normalized array, of ``x``'s shape.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import normjax
+      >>> x = jnp.array([[1.0, 2.0], [3.0, 6.0]])
+      >>> m = normjax.moments(x, axes=0, keepdims=True)
+      >>> normjax.normalize(x, m.mean, m.var, epsilon=1e-12).tolist()
+      [[-1.0, -1.0], [1.0, 1.0]]
+    """
+    axes_lib.check_inexact(x)
+    axes_lib.check_epsilon(epsilon)
+    ndim = jnp.ndim(x)
+    feature_axes = axes_lib.canonicalize_axes(feature_axes, ndim, "feature_axes")
+    feature_shape = tuple(x.shape[a] for a in feature_axes)
+    axes_lib.check_param(scale, feature_shape, "scale", f"the size of x's feature axes {feature_axes}")
+    axes_lib.check_param(bias, feature_shape, "bias", f"the size of x's feature axes {feature_axes}")
+    out_dtype = x.dtype if dtype is None else dtype
+
+    compute_dtype = axes_lib.stats_dtype(jnp.result_type(x, mean))
+    multiplier = jax.lax.rsqrt(jnp.asarray(var, jnp.finfo(compute_dtype).dtype) + epsilon)
+    if scale is not None:
+        multiplier = multiplier * _broadcastable(scale, ndim, feature_axes)
+    y = (x.astype(compute_dtype) - mean) * multiplier
+    if bias is not None:
+        y = y + _broadcastable(bias, ndim, feature_axes)
+    return y.astype(out_dtype)

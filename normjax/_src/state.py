@@ -1,0 +1,62 @@
+"""Running statistics of BatchNorm: the state pytree and its update rule."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class BatchNormState(NamedTuple):
+    """Running (population) statistics of a BatchNorm, threaded explicitly through training.
+
+    A pytree, so it can be jitted, vmapped (a stack of states for an ensemble), checkpointed and sharded.
+
+    Attributes:
+      mean: the running mean, one value per feature; float32 by default.
+      var: the running variance, one value per feature; float32 by default.
+    """
+
+    mean: jax.Array
+    var: jax.Array
+
+
+def init_batch_norm_state(features: int | Sequence[int], dtype=jnp.float32) -> BatchNormState:
+    """The initial running statistics: mean 0 and variance 1 for each feature.
+
+    Args:
+      features: the number of features, or the shape of the feature axes (e.g. ``(C,)``).
+      dtype: the statistics dtype; keep float32 (or wider) even for low-precision activations.
+
+    Returns:
+      A :class:`BatchNormState`.
+
+    Example:
+      >>> import normjax
+      >>> normjax.init_batch_norm_state(3)
+      BatchNormState(mean=Array([0., 0., 0.], dtype=float32), var=Array([1., 1., 1.], dtype=float32))
+    """
+    shape = (features,) if isinstance(features, int) else tuple(features)
+    return BatchNormState(mean=jnp.zeros(shape, dtype), var=jnp.ones(shape, dtype))
+
+
+def ema_update(
+    state: BatchNormState,
+    mean: jax.Array,
+    var: jax.Array,
+    keep: jax.Array,
+    *,
+    momentum: float,
+) -> BatchNormState:
+    """``new = momentum * old + (1 - momentum) * batch`` where ``keep`` is False; the old value elsewhere.
+
+    The update is computed in the state's dtype so the running statistics never drift to a lower precision.
+    """
+
+    def update(old, new):
+        blended = momentum * old + (1.0 - momentum) * new.astype(old.dtype)
+        return jnp.where(keep, old, blended.astype(old.dtype))
+
+    return BatchNormState(mean=update(state.mean, mean), var=update(state.var, var))
