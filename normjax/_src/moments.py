@@ -33,7 +33,18 @@ def _abs_square(z: jax.Array) -> jax.Array:
 def _psum(tree, axis_name, axis_index_groups):
     if axis_name is None:
         return tree
-    return jax.lax.psum(tree, axis_name, axis_index_groups=axis_index_groups)
+    try:
+        return jax.lax.psum(tree, axis_name, axis_index_groups=axis_index_groups)
+    except NotImplementedError:
+        if axis_index_groups is None:
+            raise
+        # JAX implements grouped collectives only under pmap; say what to do instead of a bare error.
+        raise NotImplementedError(
+            f"`axis_index_groups` is only supported by JAX under `jax.pmap`, not under the transformation that "
+            f"binds `axis_name`={axis_name!r} (shard_map or vmap). For the same sub-group statistics split the "
+            "axis in two: under shard_map build the mesh with shape (groups, per_group) and pass "
+            "`axis_name='per_group'`; under vmap nest two vmaps and pass the inner axis name."
+        ) from None
 
 
 def moments(
