@@ -91,3 +91,45 @@ def instance_norm(x, scale=None, bias=None, *, axis=-1, epsilon=1e-6, mask=None)
     c = _axes(axis, np.ndim(x))[0]
     mean, var, _ = moments(x, _other((0, c), np.ndim(x)), mask)
     return normalize(x, mean, var, scale, bias, epsilon, c)
+
+
+def batch_renorm_train(x, running_mean, running_var, scale=None, bias=None, *, r_max, d_max, axis=-1, epsilon=1e-5):
+    """Batch Renormalization (Ioffe, 2017) in training, written from the paper: returns (y, r, d).
+
+    sigma_B = sqrt(var_B + eps), sigma = sqrt(running_var + eps), r = clip(sigma_B / sigma, 1/r_max, r_max),
+    d = clip((mu_B - running_mean) / sigma, -d_max, d_max), y = ((x - mu_B) / sigma_B * r + d) * gamma + beta.
+    """
+    x = np.asarray(x, np.float64)
+    features = _axes(axis, x.ndim)
+    mean, var, _ = moments(x, _other(features, x.ndim))
+    batch_std = np.sqrt(var + epsilon)
+    running_mean = _param(running_mean, x.ndim, features, x.shape)
+    running_std = np.sqrt(_param(running_var, x.ndim, features, x.shape) + epsilon)
+    r = np.clip(batch_std / running_std, 1.0 / r_max, r_max)
+    d = np.clip((mean - running_mean) / running_std, -d_max, d_max)
+    y = (x - mean) / batch_std * r + d
+    if scale is not None:
+        y = y * _param(scale, x.ndim, features, x.shape)
+    if bias is not None:
+        y = y + _param(bias, x.ndim, features, x.shape)
+    squeeze = lambda a: np.reshape(a, [x.shape[f] for f in features])  # noqa: E731
+    return y, squeeze(r), squeeze(d)
+
+
+def tolerance(dtype) -> dict:
+    """``rtol``/``atol`` for comparing an order-1 result computed from a ``dtype`` input with the float64 reference.
+
+    The statistics are always reduced in float32 or wider, so the error is the float32 (or float64) arithmetic
+    plus the final rounding of the output to ``dtype``:
+
+    - float64: ~1e-16 per operation, a few dozen operations -> 1e-10.
+    - float32: eps 1.2e-7; sums over ~1e2 elements and an rsqrt lose about two digits -> 1e-5.
+    - float16: 11-bit significand, rounding the output costs up to 2^-11 = 4.9e-4 relative -> 2e-3.
+    - bfloat16: 8-bit significand, rounding the output costs up to 2^-8 = 3.9e-3 relative -> 1e-2.
+    """
+    name = np.dtype(dtype).name
+    tol = {"float64": 1e-10, "complex128": 1e-10, "float32": 1e-5, "complex64": 1e-5, "float16": 2e-3}
+    value = tol.get(name, 1e-2 if name == "bfloat16" else None)
+    if value is None:
+        raise ValueError(f"no tolerance defined for dtype {name}")
+    return {"rtol": value, "atol": value}
