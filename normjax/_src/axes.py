@@ -264,10 +264,14 @@ def check_groups(channels: int, num_groups: int | None, group_size: int | None) 
     return int(num_groups) if num_groups is not None else channels // int(group_size)
 
 
+def _axis_names(axis_name: AxisName) -> tuple:
+    """The names in `axis_name`: a tuple or list of names, or one name of any hashable type (as JAX allows)."""
+    return tuple(axis_name) if isinstance(axis_name, tuple | list) else (axis_name,)
+
+
 def _axis_size(axis_name: AxisName) -> int:
-    names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
     size = 1
-    for n in names:
+    for n in _axis_names(axis_name):
         try:
             size *= jax.lax.axis_size(n)
         except NameError:
@@ -280,6 +284,17 @@ def _axis_size(axis_name: AxisName) -> int:
     return size
 
 
+def _index_groups(axis_index_groups) -> list[list[int]] | None:
+    """`axis_index_groups` as lists of ints, or None when it is not a sequence of int sequences."""
+    try:
+        groups = [list(g) for g in axis_index_groups]
+    except TypeError:
+        return None
+    if not all(_is_int(i) for g in groups for i in g):
+        return None
+    return [[int(i) for i in g] for g in groups]
+
+
 def check_axis_name(axis_name: AxisName, axis_index_groups) -> None:
     """Raises a clear error for an unbound `axis_name` or malformed `axis_index_groups`."""
     if axis_name is None:
@@ -289,22 +304,19 @@ def check_axis_name(axis_name: AxisName, axis_index_groups) -> None:
                 "Pass the `axis_name` the groups refer to."
             )
         return
-    if not isinstance(axis_name, str) and not (
-        isinstance(axis_name, Sequence) and axis_name and all(isinstance(n, str) for n in axis_name)
-    ):
-        raise TypeError(
-            f"`axis_name` must be a str, a non-empty sequence of str, or None, got {axis_name!r}. Pass the name "
-            "given to pmap/vmap/shard_map, e.g. `axis_name='batch'`."
+    if not _axis_names(axis_name):
+        raise ValueError(
+            f"`axis_name`={axis_name!r} names no axis. Pass the name given to pmap/vmap/shard_map, e.g. "
+            "`axis_name='batch'`, or `axis_name=None` for per-device statistics."
         )
     size = _axis_size(axis_name)
     if axis_index_groups is None:
         return
-    groups = [list(g) for g in axis_index_groups]
-    flat = sorted(i for g in groups for i in g)
-    sizes = {len(g) for g in groups}
-    if flat != list(range(size)) or len(sizes) != 1:
+    groups = _index_groups(axis_index_groups)
+    half = max(size // 2, 1)
+    if groups is None or sorted(i for g in groups for i in g) != list(range(size)) or len(set(map(len, groups))) != 1:
         raise ValueError(
             f"`axis_index_groups`={axis_index_groups!r} must split the {size} indices of axis "
             f"{axis_name!r} into groups of equal size, each index exactly once "
-            f"(e.g. {[list(range(i, i + max(size // 2, 1))) for i in range(0, size, max(size // 2, 1))]})."
+            f"(e.g. {[list(range(i, i + half)) for i in range(0, size, half)]})."
         )
