@@ -79,6 +79,8 @@ def layer_norm(
     References:
       Ba, Kiros & Hinton, "Layer Normalization", arXiv:1607.06450, 2016.
     """
+    axes_lib.check_inexact(x)
+    axis = axes_lib.canonicalize_axes(axis, jnp.ndim(x), "axis")  # so errors name `axis`, not the core's `axes`
     return standardize(
         x,
         scale,
@@ -131,6 +133,8 @@ def rms_norm(
     References:
       Zhang & Sennrich, "Root Mean Square Layer Normalization", NeurIPS 2019.
     """
+    axes_lib.check_inexact(x)
+    axis = axes_lib.canonicalize_axes(axis, jnp.ndim(x), "axis")  # so errors name `axis`, not the core's `axes`
     return standardize(
         x,
         scale,
@@ -192,14 +196,9 @@ def group_norm(
     """
     axes_lib.check_inexact(x)
     ndim = jnp.ndim(x)
-    (channel_axis,) = axes_lib.canonicalize_axes(axis, ndim, "axis")
-    if channel_axis == 0:
-        raise ValueError(
-            f"`axis`={axis!r} selects axis 0, which group_norm treats as the batch axis. Put the batch first "
-            "and pass the channel axis (e.g. -1 for NHWC, 1 for NCHW)."
-        )
+    channel_axis = axes_lib.canonicalize_channel_axis(axis, ndim, "group_norm")
     channels = x.shape[channel_axis]
-    groups = _num_groups(channels, num_groups, group_size)
+    groups = axes_lib.check_groups(channels, num_groups, group_size)
     if mask is not None:
         axes_lib.check_mask(mask, x.shape)
         mask = jnp.broadcast_to(mask, x.shape)
@@ -220,23 +219,6 @@ def group_norm(
         axis_index_groups=axis_index_groups,
     )
     return jnp.reshape(y, x.shape)
-
-
-def _num_groups(channels: int, num_groups: int | None, group_size: int | None) -> int:
-    if (num_groups is None) == (group_size is None):
-        raise ValueError(
-            f"group_norm needs exactly one of `num_groups` and `group_size`, got num_groups={num_groups!r} and "
-            f"group_size={group_size!r}. E.g. `num_groups=32` (the paper's default) or `group_size=16`."
-        )
-    name, value = ("num_groups", num_groups) if num_groups is not None else ("group_size", group_size)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-    if channels % value:
-        divisors = [d for d in range(1, channels + 1) if channels % d == 0]
-        raise ValueError(
-            f"`{name}`={value} does not divide the {channels} channels. Choose a divisor of {channels}: {divisors}."
-        )
-    return num_groups if num_groups is not None else channels // group_size
 
 
 def instance_norm(
@@ -284,12 +266,7 @@ def instance_norm(
     """
     axes_lib.check_inexact(x)
     ndim = jnp.ndim(x)
-    (channel_axis,) = axes_lib.canonicalize_axes(axis, ndim, "axis")
-    if channel_axis == 0:
-        raise ValueError(
-            f"`axis`={axis!r} selects axis 0, which instance_norm treats as the batch axis. Put the batch "
-            "first and pass the channel axis (e.g. -1 for NHWC, 1 for NCHW)."
-        )
+    channel_axis = axes_lib.canonicalize_channel_axis(axis, ndim, "instance_norm")
     return standardize(
         x,
         scale,
