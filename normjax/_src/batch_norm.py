@@ -94,6 +94,7 @@ def batch_norm(
       "Train longer, generalize better", NeurIPS 2017.
     """
     axes_lib.check_inexact(x)
+    axes_lib.check_static_bool(training, "training")
     axes_lib.check_momentum(momentum)
     axes_lib.check_epsilon(epsilon)
     ndim = jnp.ndim(x)
@@ -102,9 +103,9 @@ def batch_norm(
     what = f"one value per feature along axis {feature_axes}"
     axes_lib.check_param(scale, feature_shape, "scale", what)
     axes_lib.check_param(bias, feature_shape, "bias", what)
-    axes_lib.check_param(state.mean, feature_shape, "state.mean", what)
-    axes_lib.check_param(state.var, feature_shape, "state.var", what)
+    axes_lib.check_state(state, feature_shape, x.dtype, what)
     axes_lib.check_mask(mask, jnp.shape(x))
+    axes_lib.check_renorm_clipping(renorm_clipping)
 
     if not training:
         mean = _broadcastable(state.mean, ndim, feature_axes)
@@ -145,11 +146,12 @@ def _check_enough_values(shape, reduction_axes, mask, axis_name, allow_single_va
     for a in reduction_axes:
         per_feature *= shape[a]
     if per_feature == 1 and mask is None and axis_name is None and not allow_single_value:
+        every_axis = "" if reduction_axes else " (`axis` makes every axis a feature axis, the batch axis too)"
         raise ValueError(
             f"batch_norm in training got one value per feature (input shape {tuple(shape)}, statistics over "
-            f"axes {reduction_axes}): the batch variance is 0 and the output would be all zeros. Train with "
-            "more than one example per feature, synchronize over devices with `axis_name=...`, or pass "
-            "`allow_single_value=True` (the Flax layers do so during initialization)."
+            f"axes {reduction_axes}{every_axis}): the batch variance is 0 and the output would be all zeros. "
+            "Train with more than one example per feature, synchronize over devices with `axis_name=...`, or "
+            "pass `allow_single_value=True` (the Flax layers do so during initialization)."
         )
 
 
