@@ -28,7 +28,8 @@ def init_batch_norm_state(features: int | Sequence[int], dtype=jnp.float32) -> B
 
     Args:
       features: the number of features, or the shape of the feature axes (e.g. ``(C,)``).
-      dtype: the statistics dtype; keep float32 (or wider) even for low-precision activations.
+      dtype: the statistics dtype; keep float32 (or wider) even for low-precision activations. A complex dtype
+        (for complex inputs) gives a complex ``mean`` and a real ``var`` of the same precision.
 
     Returns:
       A :class:`BatchNormState`.
@@ -39,7 +40,8 @@ def init_batch_norm_state(features: int | Sequence[int], dtype=jnp.float32) -> B
       BatchNormState(mean=Array([0., 0., 0.], dtype=float32), var=Array([1., 1., 1.], dtype=float32))
     """
     shape = (features,) if isinstance(features, int) else tuple(features)
-    return BatchNormState(mean=jnp.zeros(shape, dtype), var=jnp.ones(shape, dtype))
+    var_dtype = jnp.finfo(dtype).dtype if jnp.issubdtype(dtype, jnp.complexfloating) else dtype  # var is real
+    return BatchNormState(mean=jnp.zeros(shape, dtype), var=jnp.ones(shape, var_dtype))
 
 
 def ema_update(
