@@ -1,0 +1,440 @@
+"""Flax linen layers, drop-in for ``flax.linen``'s: Flax's variables, normjax's core.
+
+Each layer creates exactly the variables Flax's layer of the same name creates (``params/{scale,bias}``,
+``batch_stats/{mean,var}``, same shapes and dtypes), so checkpoints move both ways, and hands the arrays to
+:mod:`normjax._src.layers_common`, which calls the functional core. There is no arithmetic here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.typing import Axes, Dtype, Initializer
+from jax.nn import initializers
+
+from normjax._src import layers_common as common
+
+
+class BatchNorm(nn.Module):
+    r"""Batch Normalization (Ioffe & Szegedy, 2015), a drop-in for :class:`flax.linen.BatchNorm`.
+
+    .. math::
+
+        y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\,\gamma + \beta
+
+    with the batch statistics (over every axis but ``axis``, and every device of ``axis_name``) in training
+    and the running statistics ``batch_stats/{mean,var}`` in evaluation. Training updates them as
+    ``running = momentum * running + (1 - momentum) * batch``; apply with ``mutable=['batch_stats']``.
+
+    Same attributes, defaults, variables and outputs as Flax's exact variant (``use_fast_variance=False``),
+    plus normjax's guarantees: the variance is stable for inputs with a large mean; synchronized statistics
+    are exact for uneven per-device counts (masks); a feature whose batch is empty (all masked) or not
+    finite keeps its running statistics; ``model.init`` never synchronizes (no bound ``axis_name`` needed) and
+    accepts a batch of one. Running statistics are created in float32 whatever ``param_dtype``; for complex
+    inputs the running mean becomes complex on the first training step (as in Flax linen) and the variance is
+    that of ``|x|``.
+
+    ``use_fast_variance`` and ``force_float32_reductions`` are accepted for compatibility and have no effect:
+    statistics are always computed in float32 or wider with the stable two-pass variance (Flax's
+    ``use_fast_variance=False`` variant).
+
+    Attributes:
+      use_running_average: use the running statistics (True) or the batch statistics (False); may instead be
+        given at call time.
+      axis: the feature axis (or axes); statistics are over all the others.
+      momentum: weight of the old running value in the update, in [0, 1] (PyTorch's 0.1 is 0.9 here).
+      epsilon: a small float added to the variance.
+      dtype: the output dtype (default: promoted from the input, scale and bias, as in Flax).
+      param_dtype: the dtype of ``scale`` and ``bias``.
+      use_bias: add a learned bias :math:`\beta`.
+      use_scale: multiply by a learned scale :math:`\gamma`.
+      bias_init: initializer of the bias.
+      scale_init: initializer of the scale.
+      axis_name: name(s) of a mapped axis (``pmap``, ``shard_map``, ``vmap``) over which batch statistics
+        are synchronized.
+      axis_index_groups: groups of indices along ``axis_name`` synchronized separately.
+      use_fast_variance: accepted for Flax compatibility; ignored (see above).
+      force_float32_reductions: accepted for Flax compatibility; ignored (see above).
+      unbiased_running_var: store the unbiased batch variance ``n / (n - 1) * var`` in the running variance
+        (PyTorch's convention); Flax stores the biased one (the default).
+      skip_nonfinite: keep the running value of a feature whose batch statistics are NaN or infinite.
+      virtual_batch_size: Ghost BatchNorm (Hoffer et al., 2017): in training, normalize each block of this
+        many examples (axis 0) with its own statistics; must divide the batch size.
+      renorm_clipping: Batch Renormalization (Ioffe, 2017): ``(r_max, d_max)`` corrects the training output
+        towards the running statistics.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from normjax import linen as njn
+      >>> bn = njn.BatchNorm(use_running_average=False, momentum=0.9)
+      >>> x = jnp.array([[0.0, 10.0], [2.0, 30.0]])
+      >>> variables = bn.init(jax.random.key(0), x)
+      >>> jax.tree.map(jnp.shape, variables)
+      {'batch_stats': {'mean': (2,), 'var': (2,)}, 'params': {'bias': (2,), 'scale': (2,)}}
+      >>> y, updates = bn.apply(variables, x, mutable=['batch_stats'])
+      >>> updates['batch_stats']['mean'].tolist()
+      [0.10000000149011612, 2.0]
+
+    References:
+      Ioffe & Szegedy, "Batch Normalization: Accelerating Deep Network Training by Reducing Internal
+      Covariate Shift", ICML 2015. Ioffe, "Batch Renormalization", NeurIPS 2017. Hoffer, Hubara & Soudry,
+      "Train longer, generalize better", NeurIPS 2017.
+    """
+
+    use_running_average: bool | None = None
+    axis: int | Axes = -1
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+    unbiased_running_var: bool = False
+    skip_nonfinite: bool = True
+    virtual_batch_size: int | None = None
+    renorm_clipping: tuple[float, float] | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
+        """Normalizes ``x`` with batch statistics (training) or running statistics (evaluation).
+
+        Args:
+          x: the input.
+          use_running_average: overrides the attribute of the same name; exactly one of the two must be set.
+          mask: optional array broadcastable to ``x``, True (or 1) where an element enters the statistics.
+
+        Returns:
+          The normalized input, of ``x``'s shape.
+        """
+        use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        shape = common.feature_shape(x.shape, self.axis, "axis")
+        stats_dtype = common.RUNNING_STATS_DTYPE
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), shape)
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), shape)
+        scale, bias = _affine(self, shape, self.use_scale, self.use_bias)
+        y, new_state = common.apply_batch_norm(
+            x, ra_mean.value, ra_var.value, scale, bias, use_running_average=use_running_average,
+            initializing=self.is_initializing(), momentum=self.momentum, epsilon=self.epsilon, axis=self.axis,
+            axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, mask=mask, dtype=self.dtype,
+            unbiased_running_var=self.unbiased_running_var, skip_nonfinite=self.skip_nonfinite,
+            virtual_batch_size=self.virtual_batch_size, renorm_clipping=self.renorm_clipping,
+        )  # fmt: skip
+        if new_state is not None:
+            ra_mean.value = new_state.mean
+            ra_var.value = new_state.var
+        return y
+
+
+def _affine(module: nn.Module, shape: tuple[int, ...], use_scale: bool, use_bias: bool):
+    """Creates (or reads) ``params/scale`` and ``params/bias`` as Flax does, in that order."""
+    scale = module.param("scale", module.scale_init, shape, module.param_dtype) if use_scale else None
+    bias = module.param("bias", module.bias_init, shape, module.param_dtype) if use_bias else None
+    return scale, bias
+
+
+class LayerNorm(nn.Module):
+    r"""Layer Normalization (Ba et al., 2016), a drop-in for :class:`flax.linen.LayerNorm`.
+
+    .. math::
+
+        y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\,\gamma + \beta, \qquad
+        \mu, \sigma^2 \text{ over } \texttt{reduction\_axes} \text{ of each example}
+
+    with ``scale`` and ``bias`` of the shape of ``x`` along ``feature_axes``. Statistics are computed in
+    float32 or wider with the stable two-pass variance; during ``init`` they are not synchronized over
+    ``axis_name``.
+
+    ``use_fast_variance`` and ``force_float32_reductions`` are accepted for compatibility and have no effect:
+    statistics are always computed in float32 or wider with the stable two-pass variance (Flax's
+    ``use_fast_variance=False`` variant).
+
+    Attributes:
+      epsilon: a small float added to the variance.
+      dtype: the output dtype (default: promoted from the input, scale and bias, as in Flax).
+      param_dtype: the dtype of ``scale`` and ``bias``.
+      use_bias: add a learned bias :math:`\beta`.
+      use_scale: multiply by a learned scale :math:`\gamma`.
+      bias_init: initializer of the bias.
+      scale_init: initializer of the scale.
+      reduction_axes: the axes the statistics are computed over.
+      feature_axes: the axes ``scale`` and ``bias`` run along.
+      axis_name: name(s) of a mapped axis over which the statistics are also computed (a model split across
+        devices).
+      axis_index_groups: groups of indices along ``axis_name``.
+      use_fast_variance: accepted for Flax compatibility; ignored.
+      force_float32_reductions: accepted for Flax compatibility; ignored.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from normjax import linen as njn
+      >>> x = jnp.array([[1.0, 3.0], [10.0, 30.0]])
+      >>> ln = njn.LayerNorm(epsilon=1e-12)
+      >>> ln.apply(ln.init(jax.random.key(0), x), x).tolist()
+      [[-1.0, 1.0], [-1.0, 1.0]]
+
+    References:
+      Ba, Kiros & Hinton, "Layer Normalization", arXiv:1607.06450, 2016.
+    """
+
+    epsilon: float = 1e-6
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    reduction_axes: Axes = -1
+    feature_axes: Axes = -1
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None):
+        """Normalizes each example of ``x`` over ``reduction_axes``.
+
+        Args:
+          x: the input.
+          mask: optional array broadcastable to ``x``, True (or 1) where an element enters the statistics.
+
+        Returns:
+          The normalized input, of ``x``'s shape.
+        """
+        shape = common.feature_shape(x.shape, self.feature_axes, "feature_axes")
+        scale, bias = _affine(self, shape, self.use_scale, self.use_bias)
+        return common.apply_standardize(
+            x, scale, bias, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
+            epsilon=self.epsilon, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+            dtype=self.dtype, initializing=self.is_initializing(),
+        )  # fmt: skip
+
+
+class RMSNorm(nn.Module):
+    r"""Root Mean Square Layer Normalization (Zhang & Sennrich, 2019), a drop-in for :class:`flax.linen.RMSNorm`.
+
+    .. math::
+
+        y = \frac{x}{\sqrt{\frac{1}{n}\sum_i |x_i|^2 + \epsilon}}\,\gamma
+
+    over ``reduction_axes`` of each example, with ``scale`` of the shape of ``x`` along ``feature_axes``.
+    During ``init`` the statistics are not synchronized over ``axis_name``.
+
+    ``use_fast_variance`` and ``force_float32_reductions`` are accepted for compatibility and have no effect:
+    statistics are always computed in float32 or wider with the stable two-pass variance (Flax's
+    ``use_fast_variance=False`` variant).
+
+    Attributes:
+      epsilon: a small float added to the mean square.
+      dtype: the output dtype (default: promoted from the input and scale, as in Flax).
+      param_dtype: the dtype of ``scale``.
+      use_scale: multiply by a learned scale :math:`\gamma`.
+      scale_init: initializer of the scale.
+      reduction_axes: the axes the statistics are computed over.
+      feature_axes: the axes ``scale`` runs along.
+      axis_name: name(s) of a mapped axis over which the statistics are also computed.
+      axis_index_groups: groups of indices along ``axis_name``.
+      use_fast_variance: accepted for Flax compatibility; ignored.
+      force_float32_reductions: accepted for Flax compatibility; ignored.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from normjax import linen as njn
+      >>> x = jnp.array([[3.0, -3.0]])
+      >>> rms = njn.RMSNorm(epsilon=1e-12)
+      >>> rms.apply(rms.init(jax.random.key(0), x), x).tolist()
+      [[1.0, -1.0]]
+
+    References:
+      Zhang & Sennrich, "Root Mean Square Layer Normalization", NeurIPS 2019.
+    """
+
+    epsilon: float = 1e-6
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_scale: bool = True
+    scale_init: Initializer = initializers.ones
+    reduction_axes: Axes = -1
+    feature_axes: Axes = -1
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None):
+        """Rescales each example of ``x`` by its root mean square over ``reduction_axes``.
+
+        Args:
+          x: the input.
+          mask: optional array broadcastable to ``x``, True (or 1) where an element enters the statistics.
+
+        Returns:
+          The normalized input, of ``x``'s shape.
+        """
+        shape = common.feature_shape(x.shape, self.feature_axes, "feature_axes")
+        scale = self.param("scale", self.scale_init, shape, self.param_dtype) if self.use_scale else None
+        return common.apply_standardize(
+            x, scale, None, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
+            epsilon=self.epsilon, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+            dtype=self.dtype, initializing=self.is_initializing(), centered=False,
+        )  # fmt: skip
+
+
+class GroupNorm(nn.Module):
+    r"""Group Normalization (Wu & He, 2018), a drop-in for :class:`flax.linen.GroupNorm`.
+
+    The channels (last axis) are split into ``num_groups`` contiguous groups; each group of each example is
+    standardized over its channels and the other ``reduction_axes`` (default: every axis but the batch axis
+    0), then a per-channel affine is applied. ``num_groups=1`` is LayerNorm over all non-batch axes;
+    ``group_size=1`` is InstanceNorm. During ``init`` the statistics are not synchronized over ``axis_name``.
+
+    ``use_fast_variance`` and ``force_float32_reductions`` are accepted for compatibility and have no effect:
+    statistics are always computed in float32 or wider with the stable two-pass variance (Flax's
+    ``use_fast_variance=False`` variant).
+
+    Attributes:
+      num_groups: the number of groups (default 32, the paper's); pass ``num_groups=None`` to use
+        ``group_size``.
+      group_size: the number of channels per group.
+      epsilon: a small float added to the variance.
+      dtype: the output dtype (default: promoted from the input, scale and bias, as in Flax).
+      param_dtype: the dtype of ``scale`` and ``bias``.
+      use_bias: add a learned bias :math:`\beta`.
+      use_scale: multiply by a learned scale :math:`\gamma`.
+      bias_init: initializer of the bias.
+      scale_init: initializer of the scale.
+      reduction_axes: the axes the statistics are computed over; must include the last (channel) axis.
+        Default: all but axis 0. Give it explicitly when the input has extra leading (batch) axes.
+      axis_name: name(s) of a mapped axis over which the statistics are also computed.
+      axis_index_groups: groups of indices along ``axis_name``.
+      use_fast_variance: accepted for Flax compatibility; ignored.
+      force_float32_reductions: accepted for Flax compatibility; ignored.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from normjax import linen as njn
+      >>> x = jnp.array([[1.0, 3.0, 10.0, 30.0]])
+      >>> gn = njn.GroupNorm(num_groups=2, epsilon=1e-12)
+      >>> gn.apply(gn.init(jax.random.key(0), x), x).tolist()
+      [[-1.0, 1.0, -1.0, 1.0]]
+
+    References:
+      Wu & He, "Group Normalization", ECCV 2018.
+    """
+
+    num_groups: int | None = 32
+    group_size: int | None = None
+    epsilon: float = 1e-6
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    reduction_axes: Axes | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None):
+        """Normalizes groups of channels of each example of ``x``.
+
+        Args:
+          x: the input, channels last, e.g. ``(N, H, W, C)``.
+          mask: optional array broadcastable to ``x``, True (or 1) where an element enters the statistics.
+
+        Returns:
+          The normalized input, of ``x``'s shape.
+        """
+        scale, bias = _affine(self, x.shape[-1:], self.use_scale, self.use_bias)
+        return common.apply_group_norm(
+            x, scale, bias, num_groups=self.num_groups, group_size=self.group_size,
+            reduction_axes=self.reduction_axes, epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, dtype=self.dtype, initializing=self.is_initializing(),
+        )  # fmt: skip
+
+
+class InstanceNorm(nn.Module):
+    r"""Instance Normalization (Ulyanov et al., 2016), a drop-in for :class:`flax.linen.InstanceNorm`.
+
+    .. math::
+
+        y_{n,c} = \frac{x_{n,c} - \mu_{n,c}}{\sqrt{\sigma^2_{n,c} + \epsilon}}\,\gamma_c + \beta_c
+
+    with the statistics over every axis but the batch axis 0 and ``feature_axes``. During ``init`` the
+    statistics are not synchronized over ``axis_name``.
+
+    ``use_fast_variance`` and ``force_float32_reductions`` are accepted for compatibility and have no effect:
+    statistics are always computed in float32 or wider with the stable two-pass variance (Flax's
+    ``use_fast_variance=False`` variant).
+
+    Attributes:
+      epsilon: a small float added to the variance.
+      dtype: the output dtype (default: promoted from the input, scale and bias, as in Flax).
+      param_dtype: the dtype of ``scale`` and ``bias``.
+      use_bias: add a learned bias :math:`\beta`.
+      use_scale: multiply by a learned scale :math:`\gamma`.
+      bias_init: initializer of the bias.
+      scale_init: initializer of the scale.
+      feature_axes: the channel axes (not 0); ``scale`` and ``bias`` have their shape.
+      axis_name: name(s) of a mapped axis over which the statistics are also computed.
+      axis_index_groups: groups of indices along ``axis_name``.
+      use_fast_variance: accepted for Flax compatibility; ignored.
+      force_float32_reductions: accepted for Flax compatibility; ignored.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from normjax import linen as njn
+      >>> x = jnp.array([[[1.0, 10.0], [3.0, 30.0]]])  # (N=1, L=2, C=2)
+      >>> inorm = njn.InstanceNorm(epsilon=1e-12)
+      >>> inorm.apply(inorm.init(jax.random.key(0), x), x).tolist()
+      [[[-1.0, -1.0], [1.0, 1.0]]]
+
+    References:
+      Ulyanov, Vedaldi & Lempitsky, "Instance Normalization: The Missing Ingredient for Fast Stylization",
+      arXiv:1607.08022, 2016.
+    """
+
+    epsilon: float = 1e-6
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    feature_axes: Axes = -1
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None):
+        """Normalizes each example and channel of ``x`` over its other axes.
+
+        Args:
+          x: the input, batch first, e.g. ``(N, H, W, C)``.
+          mask: optional array broadcastable to ``x``, True (or 1) where an element enters the statistics.
+
+        Returns:
+          The normalized input, of ``x``'s shape.
+        """
+        feature_axes, reduction_axes = common.instance_norm_axes(x.ndim, self.feature_axes)
+        scale, bias = _affine(self, tuple(x.shape[a] for a in feature_axes), self.use_scale, self.use_bias)
+        return common.apply_standardize(
+            x, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes, epsilon=self.epsilon,
+            mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype,
+            initializing=self.is_initializing(),
+        )  # fmt: skip
