@@ -182,7 +182,8 @@ def _static_scalar(value, name: str, expected: str, hint: str) -> float | None:
     """The Python float of a concrete scalar, None for a traced one; raises naming `name` for anything else."""
     if isinstance(value, jax.core.Tracer):
         return None
-    if not isinstance(value, bool) and jnp.ndim(value) == 0 and not isinstance(value, str):
+    scalar_like = isinstance(value, numbers.Real) or hasattr(value, "dtype")
+    if scalar_like and not isinstance(value, bool) and jnp.ndim(value) == 0:
         try:
             return float(value)
         except (TypeError, ValueError):
@@ -248,7 +249,7 @@ def check_groups(channels: int, num_groups: int | None, group_size: int | None) 
     if (num_groups is None) == (group_size is None):
         raise ValueError(
             f"group_norm needs exactly one of `num_groups` and `group_size`, got num_groups={num_groups!r} and "
-            f"group_size={group_size!r}. E.g. `num_groups=32` (the paper's default) or `group_size=16`."
+            f"group_size={group_size!r}. Pass one, e.g. `num_groups=32` (the paper's default) or `group_size=16`."
         )
     name, value = ("num_groups", num_groups) if num_groups is not None else ("group_size", group_size)
     divisors = [d for d in range(1, channels + 1) if channels % d == 0]
