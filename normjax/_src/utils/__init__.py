@@ -1,0 +1,1 @@
+"""Utilities that work on Flax variable trees: freezing, folding, precise statistics, replicas, optax, torch."""

@@ -1,0 +1,149 @@
+"""Freezing BatchNorm for fine-tuning without editing the model: running statistics, no updates, no gradients."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Collection, Iterator
+from typing import Any
+
+import jax
+
+from normjax._src.utils import _paths
+
+_BATCH_NORM = ("BatchNorm",)
+
+
+@contextlib.contextmanager
+def freeze_batch_norm(
+    where: Callable[[tuple[str, ...]], bool] | None = None, *, kinds: Collection[str] = _BATCH_NORM
+) -> Iterator[None]:
+    """A context in which the BatchNorm layers of ``flax.linen`` models use, and do not update, running statistics.
+
+    Inside the context every BatchNorm call (Flax's ``flax.linen.BatchNorm``, normjax's drop-in layer, or a
+    subclass of either) runs as if ``use_running_average=True``: it normalizes with ``batch_stats`` and leaves
+    them unchanged, whatever the model code or the call says. This is the usual way to fine-tune a pretrained
+    network on small batches, with no edit to the model. It applies while ``model.apply`` is traced, so put
+    the ``apply`` (or the whole jitted step) inside the context; a step jitted outside the context and already
+    compiled is not affected. Pair it with :func:`stop_gradient_where` (or an optax mask) to also freeze the
+    layers' scale and bias.
+
+    Args:
+      where: optional predicate on a layer's module path (a tuple of names, e.g. ``("backbone", "bn1")``):
+        only the layers for which it returns True are frozen. Default: every BatchNorm.
+      kinds: class names of the layers to freeze.
+
+    Yields:
+      Nothing; the freezing lasts until the context exits.
+
+    Example:
+      >>> import flax.linen as nn, jax, jax.numpy as jnp
+      >>> import normjax
+      >>> model = nn.BatchNorm(use_running_average=False)
+      >>> x = jnp.array([[1.0], [3.0]])
+      >>> variables = model.init(jax.random.key(0), x)
+      >>> with normjax.freeze_batch_norm():
+      ...     y, updates = model.apply(variables, x, mutable=["batch_stats"])
+      >>> [round(float(v), 3) for v in y.ravel()], updates["batch_stats"]["mean"].tolist()
+      ([1.0, 3.0], [0.0])
+    """
+    import flax.linen as nn
+
+    def use_running_average(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or not _paths.is_kind(module, kinds):
+            return next_fun(*args, **kwargs)
+        if where is not None and not where(tuple(module.path)):
+            return next_fun(*args, **kwargs)
+        args, kwargs = _without_call_argument(type(module).__call__, args, kwargs, "use_running_average")
+        # Flax merges the attribute with the call argument and refuses both being set, so the call argument is
+        # cleared and the attribute of this (bound, per-apply) module instance is set for the call's duration.
+        previous = module.use_running_average
+        object.__setattr__(module, "use_running_average", True)
+        try:
+            return next_fun(*args, **kwargs)
+        finally:
+            object.__setattr__(module, "use_running_average", previous)
+
+    with nn.intercept_methods(use_running_average):
+        yield
+
+
+def _without_call_argument(method, args, kwargs, name):
+    """`args` and `kwargs` of a call to `method` (without `self`) with argument `name` left at its default."""
+    bound = inspect.signature(method).bind(None, *args, **kwargs)
+    bound.arguments.pop(name, None)
+    return bound.args[1:], bound.kwargs
+
+
+def freeze_batch_norm_nnx(
+    model: Any,
+    where: Callable[[tuple[str, ...]], bool] | None = None,
+    *,
+    kinds: Collection[str] = _BATCH_NORM,
+) -> list[tuple[str, ...]]:
+    """Sets the BatchNorm layers of a ``flax.nnx`` model to use, and not update, their running statistics.
+
+    Unlike ``model.eval()``, which also switches dropout and every other mode-dependent layer, only the
+    BatchNorm layers (Flax's ``nnx.BatchNorm``, normjax's drop-in layer, or subclasses) get
+    ``use_running_average=True``; the rest of the model keeps training. ``model.train()`` undoes it.
+    To also freeze their scale and bias, leave them out of the optimizer, e.g.
+    ``nnx.Optimizer(model, tx, wrt=nnx.All(nnx.Param, nnx.Not(frozen)))`` with a filter built from the
+    returned paths, or mask them with :func:`stop_gradient_where`.
+
+    Args:
+      model: a ``flax.nnx.Module``; modified in place.
+      where: optional predicate on a layer's path (a tuple of names); only the layers where it holds are frozen.
+      kinds: class names of the layers to freeze.
+
+    Returns:
+      The paths of the layers that were frozen.
+
+    Example:
+      >>> from flax import nnx
+      >>> import normjax
+      >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.BatchNorm(3, rngs=nnx.Rngs(0)))
+      >>> normjax.freeze_batch_norm_nnx(model)
+      [('layers', '1')]
+      >>> model.layers[1].use_running_average
+      True
+    """
+    frozen = []
+    for path in _paths.nnx_module_paths(model, lambda node: _paths.is_kind(node, kinds)):
+        if where is None or where(path):
+            _nnx_submodule(model, path).use_running_average = True
+            frozen.append(path)
+    return frozen
+
+
+def _nnx_submodule(model, path):
+    for name in path:
+        model = model[int(name)] if name.isdigit() and not hasattr(model, name) else getattr(model, name)
+    return model
+
+
+def stop_gradient_where(tree: Any, mask: Any) -> Any:
+    """``jax.lax.stop_gradient`` on the leaves of ``tree`` where ``mask`` is True; the others unchanged.
+
+    Applied to the params inside a loss function, it makes the gradients of the selected parameters exactly
+    zero, e.g. the scale and bias of frozen BatchNorm layers (mask from :func:`norm_params_mask`).
+
+    Args:
+      tree: a tree of arrays, e.g. ``variables["params"]``.
+      mask: a tree of bools of the structure of ``tree`` (or a prefix of it).
+
+    Returns:
+      ``tree`` with the selected leaves wrapped in ``stop_gradient``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import normjax
+      >>> params = {"kernel": jnp.array(2.0), "scale": jnp.array(3.0)}
+      >>> mask = {"kernel": False, "scale": True}
+      >>> loss = lambda p: (lambda q: q["kernel"] * q["scale"])(normjax.stop_gradient_where(p, mask))
+      >>> {k: float(v) for k, v in jax.grad(loss)(params).items()}
+      {'kernel': 3.0, 'scale': 0.0}
+    """
+    return jax.tree.map(
+        lambda selected, subtree: jax.tree.map(jax.lax.stop_gradient, subtree) if selected else subtree, mask, tree
+    )

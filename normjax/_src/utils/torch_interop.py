@@ -1,0 +1,121 @@
+"""Loading PyTorch normalization layers' ``state_dict`` entries into Flax/normjax variables."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+_TORCH_TO_FLAX = {"weight": ("params", "scale"), "bias": ("params", "bias")}
+_TORCH_STATS = {"running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+_IGNORED = ("num_batches_tracked",)
+
+
+def norm_variables_from_torch(
+    state_dict: Mapping[str, Any], prefix: str = "", *, dtype: Any = jnp.float32
+) -> dict[str, dict[str, Any]]:
+    """The Flax variables of a PyTorch BatchNorm, LayerNorm or GroupNorm, from its ``state_dict`` entries.
+
+    ``weight`` -> ``params/scale``, ``bias`` -> ``params/bias``, ``running_mean`` -> ``batch_stats/mean`` and
+    ``running_var`` -> ``batch_stats/var`` (``num_batches_tracked`` is dropped). The values are per-feature
+    vectors, so no transposition is needed when the activations go from NCHW to NHWC: only the feature axis of
+    the layer changes (``axis=-1`` in Flax for ``dim=1`` in PyTorch). The result matches
+    ``normjax.linen``/``flax.linen`` ``BatchNorm``, ``LayerNorm`` (one normalized dimension) and ``GroupNorm``.
+
+    Conventions to carry over, beyond the values:
+
+    - momentum: PyTorch's ``momentum`` is the weight of the *new* batch statistic, Flax's the weight of the old
+      running value; PyTorch's default ``0.1`` is ``momentum=0.9`` here (:func:`momentum_from_torch`).
+      PyTorch's ``momentum=None`` (a cumulative average) has no EMA equivalent.
+    - running variance: PyTorch stores the *unbiased* batch variance ``n/(n-1) * var`` in ``running_var``;
+      Flax stores the biased one. Evaluation uses the loaded value as is, so eval outputs agree either way; to
+      keep training with PyTorch's update rule use normjax's ``unbiased_running_var=True``.
+    - epsilon: PyTorch's default is ``1e-5`` for all three layers; Flax's LayerNorm and GroupNorm default to
+      ``1e-6``, so pass ``epsilon=1e-5`` to them.
+
+    Args:
+      state_dict: a mapping of names to ``torch.Tensor`` or array values, e.g. ``module.state_dict()`` of the
+        whole network; only the keys under ``prefix`` are read.
+      prefix: the layer's name in ``state_dict``, e.g. ``"layer1.0.bn1"`` (a trailing dot is optional).
+      dtype: the dtype of the returned arrays.
+
+    Returns:
+      ``{"params": {...}}`` plus ``"batch_stats"`` for a BatchNorm, holding ``jax.Array`` values.
+
+    Example:
+      >>> import numpy as np
+      >>> import normjax
+      >>> torch_state = {"bn.weight": np.ones(2), "bn.bias": np.zeros(2), "bn.running_mean": np.zeros(2),
+      ...                "bn.running_var": np.ones(2), "bn.num_batches_tracked": np.array(3)}
+      >>> variables = normjax.norm_variables_from_torch(torch_state, "bn")
+      >>> {k: sorted(v) for k, v in variables.items()}
+      {'params': ['bias', 'scale'], 'batch_stats': ['mean', 'var']}
+    """
+    prefix = prefix + "." if prefix and not prefix.endswith(".") else prefix
+    entries = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
+    names = {**_TORCH_TO_FLAX, **_TORCH_STATS}
+    unknown = sorted(set(entries) - set(names) - set(_IGNORED))
+    if unknown or not set(entries) & set(names):
+        raise ValueError(
+            f"expected the entries of one PyTorch norm layer under prefix {prefix!r} ({sorted(names)}), got "
+            f"{sorted(entries)}. Pass the layer's own name as `prefix`, e.g. 'layer1.0.bn1'."
+        )
+    if ("running_mean" in entries) != ("running_var" in entries):
+        raise ValueError(f"got only one of running_mean and running_var under prefix {prefix!r}; need both.")
+    variables: dict[str, dict[str, Any]] = {}
+    for torch_name, (collection, flax_name) in names.items():
+        if torch_name in entries:
+            variables.setdefault(collection, {})[flax_name] = jnp.asarray(_to_numpy(entries[torch_name]), dtype)
+    return variables
+
+
+def _to_numpy(value) -> np.ndarray:
+    """A torch tensor (on any device, with or without grad) or array-like as a NumPy array, without torch."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def momentum_from_torch(torch_momentum: float) -> float:
+    """PyTorch's BatchNorm ``momentum`` (weight of the new value) as Flax's (weight of the old): ``1 - m``.
+
+    Args:
+      torch_momentum: PyTorch's momentum in [0, 1], e.g. its default 0.1.
+
+    Returns:
+      The Flax/normjax momentum.
+
+    Example:
+      >>> import normjax
+      >>> normjax.momentum_from_torch(0.1)
+      0.9
+    """
+    return _flip_momentum(torch_momentum, "torch_momentum")
+
+
+def momentum_to_torch(flax_momentum: float) -> float:
+    """Flax's BatchNorm ``momentum`` (weight of the old value) as PyTorch's (weight of the new): ``1 - m``.
+
+    Args:
+      flax_momentum: the Flax/normjax momentum in [0, 1], e.g. Flax's default 0.99.
+
+    Returns:
+      PyTorch's momentum.
+
+    Example:
+      >>> import normjax
+      >>> round(normjax.momentum_to_torch(0.99), 6)
+      0.01
+    """
+    return _flip_momentum(flax_momentum, "flax_momentum")
+
+
+def _flip_momentum(momentum, name):
+    if momentum is None or not 0.0 <= momentum <= 1.0:
+        raise ValueError(
+            f"`{name}` must be a number in [0, 1], got {momentum!r}. PyTorch's momentum=None (a cumulative "
+            "moving average) has no exponential-moving-average equivalent."
+        )
+    return round(1.0 - momentum, 12)
