@@ -83,7 +83,7 @@ def test_statistics_equal_the_global_batch(worker_results, masked):
     prefix = "masked_" if masked else ""
     for r in worker_results:
         # mean ~1e4 in float32 (one ulp ~1e-3): the two-pass variance is still exact to ~1e-6 relative.
-        np.testing.assert_allclose(r[prefix + "mean"], mean[0], rtol=2e-7)
+        np.testing.assert_allclose(r[prefix + "mean"], mean[0], rtol=5e-7)
         np.testing.assert_allclose(r[prefix + "var"], var[0], rtol=2e-6)
         if masked:
             np.testing.assert_array_equal(r["masked_count"], count[0])
