@@ -193,6 +193,19 @@ def test_nonfinite_batch_does_not_poison_the_state():
     assert np.isnan(poisoned.mean[1])
 
 
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+def test_large_offset(offset):
+    x = np.random.default_rng(24).normal(offset, 1.0, (64, 2, 3)).astype(np.float32)
+    state = normjax.init_batch_norm_state(3)
+    y, new_state = batch_norm(jnp.asarray(x), state, training=True, momentum=0.0)
+    want_y, mean, var, _ = reference.batch_norm_train(x)
+    # The float32 mean of values of size `offset` is a few ulps of `offset` off (ulp(1e4) = 9.8e-4); 1e-6 * offset
+    # allows 8-16 ulps in units of the unit std. The variance must be right to 1% (the one-pass formula is not).
+    np.testing.assert_allclose(y, want_y, rtol=0, atol=1e-6 * offset)
+    np.testing.assert_allclose(new_state.mean, mean, rtol=1e-6)
+    np.testing.assert_allclose(new_state.var, var, rtol=1e-2)
+
+
 # Batch Renormalization (Ioffe, 2017).
 
 
