@@ -116,7 +116,8 @@ def _retention_tree(apply_fn, variables, batch):
         return next_fun(*args, **kwargs)
 
     def traced(v, b):
-        with nn.intercept_methods(record):
+        # disable_jit: a jitted `apply_fn` whose trace is cached would otherwise skip the recording.
+        with jax.disable_jit(), nn.intercept_methods(record):
             return apply_fn(v, b)
 
     jax.eval_shape(traced, variables, batch)
