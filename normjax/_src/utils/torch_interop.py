@@ -72,10 +72,14 @@ def norm_variables_from_torch(
 
 
 def _to_numpy(value) -> np.ndarray:
-    """A torch tensor (on any device, with or without grad) or array-like as a NumPy array, without torch."""
+    """A copy of a torch tensor (any device, with or without grad) or array-like as NumPy, without importing torch.
+
+    A copy, because ``Tensor.numpy()`` shares memory with the tensor and JAX may share it with the NumPy array on
+    CPU: torch's in-place updates of its running statistics would otherwise change the loaded values.
+    """
     if hasattr(value, "detach"):
         value = value.detach().cpu().numpy()
-    return np.asarray(value)
+    return np.array(value, copy=True)
 
 
 def momentum_from_torch(torch_momentum: float) -> float:
