@@ -1,8 +1,9 @@
 """The documentation: the site builds with warnings as errors, covers every public symbol, and its code runs.
 
-Code blocks in ``docs/**/*.md`` are checked by running them: a fenced ``python`` block containing ``>>>`` prompts
-is a doctest; any other fenced ``python`` block is executed as a script. The blocks of one page share a
-namespace, in order, like a reader's session. Two MyST comment lines placed right before a fence change that:
+Code blocks in ``README.md`` and ``docs/**/*.md`` are checked by running them: a fenced ``python`` block
+containing ``>>>`` prompts is a doctest; any other fenced ``python`` block is executed as a script. The blocks of
+one page share a namespace, in order, like a reader's session. Two MyST comment lines placed right before a
+fence change that:
 
 - ``% notest`` — do not run the block (e.g. code that needs several hosts); say why in the page's text.
 - ``% requires: some.module`` — run the block only when ``some.module`` can be imported.
@@ -129,10 +130,11 @@ def _importable(module: str) -> bool:
     return True
 
 
-PAGES = sorted(p for p in DOCS.rglob("*.md") if "_build" not in p.parts and code_blocks(p))
+PAGES = [ROOT / "README.md"] + sorted(p for p in DOCS.rglob("*.md") if "_build" not in p.parts)
+PAGES = [p for p in PAGES if code_blocks(p)]
 
 
-@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(DOCS)) for p in PAGES])
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
 def test_code_in_docs_runs(page):
     namespace: dict[str, object] = {"__name__": f"docs.{page.stem}"}
     not_run = []
