@@ -1,0 +1,299 @@
+"""What synchronized BatchNorm costs: step time of a small conv net, local vs synchronized, on 1-8 devices.
+
+For 1, 2, 4 and 8 simulated CPU devices (weak scaling: a fixed per-device batch), one data-parallel training step
+of a small conv net (three conv + BatchNorm + ReLU blocks, a linear head, optax SGD) is timed with per-device
+BatchNorm statistics (``axis_name=None``) and with statistics synchronized over the devices (``axis_name="d"``).
+Repetitions are interleaved (every configuration once per round) and medians reported, so drifts in machine load
+hit every configuration alike. Collective bytes are read from the compiled HLO: the all-reduce operand bytes per
+device of the whole step and of a single ``batch_norm`` call. A last section shows why equal-weight averaging of
+device means is wrong, on the issue's probe of 4 devices holding 8, 1, 1 and 1 valid rows.
+
+Usage::
+
+    python benchmarks/sync_scaling.py --out outputs/sync_scaling            # the numbers in docs/guides/sync.md
+    python benchmarks/sync_scaling.py --quick --out outputs/sync_quick      # < 60 s smoke run
+
+Writes ``results.json`` and ``results.md`` to ``--out``. Simulated CPU devices share the host's cores, so the
+ratios measure the extra work and synchronization points, not a real interconnect.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import re  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import normjax  # noqa: E402
+
+DEVICE_COUNTS = (1, 2, 4, 8)
+CHANNELS = (16, 32, 32)
+CLASSES = 10
+_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s64": 8, "pred": 1, "s8": 1, "u8": 1}
+
+
+def init_model(key, in_channels: int):
+    """Params (conv kernels HWIO, BatchNorm scale/bias, head) and the BatchNorm running states."""
+    params, states = {"blocks": []}, []
+    for c_in, c_out in zip((in_channels, *CHANNELS[:-1]), CHANNELS, strict=True):
+        key, sub = jax.random.split(key)
+        kernel = jax.random.normal(sub, (3, 3, c_in, c_out)) * np.sqrt(2.0 / (9 * c_in))
+        params["blocks"].append({"kernel": kernel, "scale": jnp.ones(c_out), "bias": jnp.zeros(c_out)})
+        states.append(normjax.init_batch_norm_state(c_out))
+    key, sub = jax.random.split(key)
+    params["head"] = jax.random.normal(sub, (CHANNELS[-1], CLASSES)) / np.sqrt(CHANNELS[-1])
+    return params, states
+
+
+def forward(params, states, images, axis_name):
+    """Conv (stride 2 after the first block) -> BatchNorm -> ReLU, three times; mean-pool; linear head."""
+    h, new_states = images, []
+    for i, (block, state) in enumerate(zip(params["blocks"], states, strict=True)):
+        h = jax.lax.conv_general_dilated(
+            h, block["kernel"], (1, 1) if i == 0 else (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        h, state = normjax.batch_norm(h, state, block["scale"], block["bias"], training=True, axis_name=axis_name)
+        h, new_states = jax.nn.relu(h), [*new_states, state]
+    return jnp.mean(h, axis=(1, 2)) @ params["head"], new_states
+
+
+def make_train_step(mesh: Mesh, synchronized: bool, optimizer):
+    """One data-parallel SGD step (shard_map over the mesh's 'd' axis), to be jitted.
+
+    The loss is the global mean (``pmean``), so under shard_map's varying-axes tracking the gradients of the
+    replicated parameters come out already summed over devices; the only collectives are that gradient
+    all-reduce, the loss and, if ``synchronized``, the BatchNorm statistics (forward) and their cotangents
+    (backward). Local BatchNorm keeps one running state per device (sharded, leading axis of size 1 each).
+    """
+    bn_axis = "d" if synchronized else None
+
+    def local_step(params, opt_state, states, images, labels):
+        per_device = lambda f, tree: tree if synchronized else jax.tree.map(f, tree)  # noqa: E731
+        local_states = per_device(lambda a: a[0], states)
+
+        def loss_fn(params):
+            logits, new_states = forward(params, local_states, images, bn_axis)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            return jax.lax.pmean(loss, "d"), new_states
+
+        (loss, new_states), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        new_states = per_device(lambda a: a[None], new_states)
+        return optax.apply_updates(params, updates), opt_state, new_states, loss
+
+    state_spec = P() if synchronized else P("d")
+    specs = (P(), P(), state_spec, P("d"), P("d"))
+    step = jax.shard_map(local_step, mesh=mesh, in_specs=specs, out_specs=(P(), P(), state_spec, P()))
+    return jax.jit(step, donate_argnums=(0, 1, 2))
+
+
+def all_reduce_bytes(hlo_text: str) -> tuple[int, int]:
+    """(number of all-reduce ops, total bytes of their operands per device) in compiled HLO text."""
+    ops, total = 0, 0
+    for match in re.finditer(r"=\s*(.+?)\s+all-reduce(?:-start)?\(", hlo_text):
+        ops += 1
+        for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", match.group(1)):
+            total += _BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64))
+    return ops, total
+
+
+def batch_norm_call_bytes(mesh: Mesh, features: int, masked: bool, backward: bool) -> tuple[int, int]:
+    """All-reduce (ops, bytes per device) of one synchronized batch_norm on (N, 4, 4, features), optionally + grad."""
+
+    def loss(x, mask):
+        state = normjax.init_batch_norm_state(features)
+        y, _ = normjax.batch_norm(x, state, training=True, axis_name="d", mask=mask if masked else None)
+        return jnp.sum(jnp.sin(y))
+
+    call = jax.grad(loss) if backward else loss  # the gradient w.r.t. the local x needs no gradient averaging
+    f = jax.jit(jax.shard_map(call, mesh=mesh, in_specs=P("d"), out_specs=P("d") if backward else P()))
+    n = mesh.devices.size
+    x = jnp.ones((2 * n, 4, 4, features))
+    mask = jnp.ones((2 * n, 4, 4, 1), bool)
+    if not backward:  # the forward loss is varying; make it a per-device output
+        f = jax.jit(jax.shard_map(lambda x, m: call(x, m)[None], mesh=mesh, in_specs=P("d"), out_specs=P("d")))
+    return all_reduce_bytes(f.lower(x, mask).compile().as_text())
+
+
+def equal_weight_probe() -> dict:
+    """The issue's probe: 4 devices hold 8, 1, 1, 1 valid rows. Flax's pmean of device means vs normjax."""
+    import flax.linen as nn
+
+    x = np.zeros((4, 8, 1), np.float32)
+    x[0] = 1.0
+    x[1:, 0, 0] = [20.0, 30.0, 40.0]
+    mask = np.zeros((4, 8, 1), bool)
+    mask[0], mask[1:, 0, 0] = True, True
+    devices = jax.devices()[:4]
+    flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.0, axis_name="i")
+    variables = flax_bn.init(jax.random.key(0), x[0])
+
+    def flax_mean(x, m):
+        _, updates = flax_bn.apply(variables, x, mask=m, mutable=["batch_stats"])
+        return updates["batch_stats"]["mean"]
+
+    flax_result = jax.pmap(flax_mean, axis_name="i", devices=devices)(x, mask)
+    ours = jax.pmap(lambda x, m: normjax.moments(x, 0, mask=m, axis_name="i"), axis_name="i", devices=devices)
+    valid = x[mask]
+    return {
+        "valid_rows_per_device": mask.sum(axis=(1, 2)).tolist(),
+        "true_mean": float(valid.mean()),
+        "normjax_mean": float(ours(x, mask).mean[0, 0]),
+        "flax_linen_mean": float(flax_result[0, 0]),
+        "equal_weight_mean_of_device_means": float(np.mean([x[d][mask[d]].mean() for d in range(4)])),
+    }
+
+
+def bn_call_bytes(features: int = 32) -> list[dict]:
+    """Collective cost of one synchronized batch_norm call on 8 devices (per device; the same for any count)."""
+    mesh = Mesh(np.array(jax.devices()), ("d",))
+    rows = []
+    for masked in (False, True):
+        for backward in (False, True):
+            ops, nbytes = batch_norm_call_bytes(mesh, features, masked, backward)
+            rows.append({"features": features, "masked": masked, "with_grad": backward, "ops": ops, "bytes": nbytes})
+    return rows
+
+
+def run(quick: bool) -> dict:
+    per_device_batch, size = (8, 12) if quick else (32, 16)
+    rounds, steps = (3, 2) if quick else (15, 5)
+    optimizer = optax.sgd(0.05)
+    rng = np.random.default_rng(0)
+    configs, results = [], {}
+    for n in DEVICE_COUNTS:
+        mesh = Mesh(np.array(jax.devices()[:n]), ("d",))
+        images = jnp.asarray(rng.normal(size=(n * per_device_batch, size, size, 3)), jnp.float32)
+        labels = jnp.asarray(rng.integers(0, CLASSES, n * per_device_batch))
+        for synchronized in (False, True):
+            params, states = init_model(jax.random.key(0), 3)
+            if not synchronized:  # one running state per device
+                states = jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), states)  # noqa: B023
+            carry = [params, optimizer.init(params), states]
+            # Run the ahead-of-time compiled step itself, so each configuration compiles once.
+            step = make_train_step(mesh, synchronized, optimizer).lower(*carry, images, labels).compile()
+            ops, nbytes = all_reduce_bytes(step.as_text())
+            carry[:3] = step(*carry, images, labels)[:3]  # compile + warm up
+            jax.block_until_ready(carry)
+            key = (n, synchronized)
+            configs.append(key)
+            results[key] = {"step": step, "carry": carry, "times": [], "ops": ops, "bytes": nbytes}
+            results[key]["data"] = (images, labels)
+    for _ in range(rounds):  # interleaved: each round times every configuration once
+        for key in configs:
+            r = results[key]
+            start = time.perf_counter()
+            for _ in range(steps):
+                out = r["step"](*r["carry"], *r["data"])
+                r["carry"][:3] = out[:3]
+            jax.block_until_ready(r["carry"])
+            r["times"].append((time.perf_counter() - start) / steps)
+
+    rows = []
+    for n in DEVICE_COUNTS:
+        local, synced = results[(n, False)], results[(n, True)]
+        local_ms, synced_ms = (1e3 * statistics.median(r["times"]) for r in (local, synced))
+        rows.append(
+            {
+                "devices": n,
+                "local_ms": local_ms,
+                "sync_ms": synced_ms,
+                "sync_over_local": synced_ms / local_ms,
+                "local_step_all_reduce_ops": local["ops"],
+                "local_step_all_reduce_bytes": local["bytes"],
+                "sync_step_all_reduce_ops": synced["ops"],
+                "sync_step_all_reduce_bytes": synced["bytes"],
+            }
+        )
+    return {
+        "config": {
+            "quick": quick,
+            "per_device_batch": per_device_batch,
+            "image": [size, size, 3],
+            "channels": list(CHANNELS),
+            "rounds": rounds,
+            "steps_per_timing": steps,
+            "jax": jax.__version__,
+            "machine": f"{platform.machine()} {os.cpu_count()} CPU cores, {jax.device_count()} simulated devices",
+        },
+        "rows": rows,
+        "bn_call_all_reduce": bn_call_bytes(),
+        "equal_weight_probe": equal_weight_probe(),
+    }
+
+
+def to_markdown(result: dict) -> str:
+    cfg = result["config"]
+    lines = [
+        "# Synchronized vs local BatchNorm: step time and collective bytes",
+        "",
+        f"Conv net {cfg['channels']} channels, per-device batch {cfg['per_device_batch']} of {cfg['image']} images, "
+        f"optax SGD; median of {cfg['rounds']} interleaved rounds of {cfg['steps_per_timing']} steps. "
+        f"jax {cfg['jax']}, {cfg['machine']}{' (quick mode)' if cfg['quick'] else ''}.",
+        "",
+        "| devices | local ms/step | sync ms/step | sync / local | all-reduce ops/step local → sync | "
+        "all-reduce bytes/device/step local → sync |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['devices']} | {r['local_ms']:.2f} | {r['sync_ms']:.2f} | {r['sync_over_local']:.2f} | "
+            f"{r['local_step_all_reduce_ops']} → {r['sync_step_all_reduce_ops']} | "
+            f"{r['local_step_all_reduce_bytes']} → {r['sync_step_all_reduce_bytes']} |"
+        )
+    lines += [
+        "",
+        "Both steps all-reduce the gradients and the loss; the synchronized step also all-reduces the BatchNorm "
+        "statistics (forward) and their cotangents (backward). Local BatchNorm keeps one running state per device.",
+        "",
+        "One synchronized `batch_norm` call, from the compiled HLO (per device, any device count > 1):",
+        "",
+        "| features | mask | pass | all-reduce ops | bytes/device |",
+        "|---:|---|---|---:|---:|",
+    ]
+    for r in result["bn_call_all_reduce"]:
+        lines.append(
+            f"| {r['features']} | {'yes' if r['masked'] else 'no'} | "
+            f"{'forward + grad' if r['with_grad'] else 'forward'} | {r['ops']} | {r['bytes']} |"
+        )
+    p = result["equal_weight_probe"]
+    lines += [
+        "",
+        f"Equal-weight averaging probe (valid rows per device {p['valid_rows_per_device']}): true mean "
+        f"{p['true_mean']:.4f}, normjax {p['normjax_mean']:.4f}, flax.linen.BatchNorm {p['flax_linen_mean']:.4f}, "
+        f"mean of device means {p['equal_weight_mean_of_device_means']:.4f}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="directory for results.json and results.md")
+    parser.add_argument("--quick", action="store_true", help="small shapes and few rounds (< 60 s)")
+    args = parser.parse_args()
+    result = run(args.quick)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(result, indent=2))
+    markdown = to_markdown(result)
+    (args.out / "results.md").write_text(markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
