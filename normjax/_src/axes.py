@@ -27,6 +27,8 @@ def canonicalize_axes(axes: Axes, ndim: int, name: str) -> tuple[int, ...]:
     if _is_int(axes):
         axes = (int(axes),)
     try:
+        if isinstance(axes, str | bytes):  # iterable, but its characters are not axes
+            raise TypeError
         axes = tuple(axes)
     except TypeError:
         raise TypeError(
