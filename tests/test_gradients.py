@@ -1,0 +1,132 @@
+"""Gradients of every norm checked against finite differences (jax.test_util.check_grads, orders 1 and 2).
+
+The checks run in float64 (x64 enabled only inside each test) so that the finite differences themselves are
+accurate to ~1e-7 and check_grads' default float64 tolerances apply.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import normjax
+
+MODES = ("fwd", "rev")
+
+
+def _check(fn, *args, order):
+    # jit: the derivative programs compile once each instead of primitive by primitive.
+    check_grads(jax.jit(fn), args, order=order, modes=MODES)
+
+
+def _inputs(shape, feature_shape, seed):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(0.5, 1.5, shape))
+    scale = jnp.asarray(rng.normal(1.0, 0.3, feature_shape))
+    bias = jnp.asarray(rng.normal(0.0, 0.5, feature_shape))
+    return x, scale, bias
+
+
+def _mask(shape, seed):
+    mask = np.random.default_rng(seed).random(shape) < 0.7
+    mask.reshape(shape[0], -1)[:, :2] = True  # every reduction keeps valid elements
+    return jnp.asarray(mask)
+
+
+def _batch_norm_training(x, scale, bias=None, *, axis, mask=None):
+    """The output and the new running statistics, as a function of x, scale and bias."""
+    feature_shape = jnp.shape(scale)
+    state = normjax.BatchNormState(jnp.full(feature_shape, 0.2), jnp.full(feature_shape, 1.3))
+    return normjax.batch_norm(x, state, scale, bias, training=True, axis=axis, mask=mask, unbiased_running_var=True)
+
+
+# name -> (function of (x, scale[, bias]), input shape, keywords, parameter shape). Channels-first and several
+# feature axes where the norm allows it; each reduction has >= 3 elements so finite differences stay accurate.
+NORMS = {
+    "batch_norm": (_batch_norm_training, (3, 2, 4), {"axis": (1, 2)}, (2, 4)),
+    "layer_norm": (normjax.layer_norm, (3, 2, 4), {"axis": (1, 2)}, (2, 4)),
+    "rms_norm": (normjax.rms_norm, (3, 4), {}, (4,)),
+    "group_norm": (normjax.group_norm, (2, 4, 3), {"num_groups": 2, "axis": 1}, (4,)),
+    "instance_norm": (normjax.instance_norm, (2, 3, 2), {}, (2,)),
+}
+
+
+def _check_norm(name, *, masked, order):
+    fn, shape, kwargs, param_shape = NORMS[name]
+    with jax.enable_x64(True):
+        x, scale, bias = _inputs(shape, param_shape, seed=7)
+        fn = functools.partial(fn, mask=_mask(shape, 8) if masked else None, **kwargs)
+        _check(fn, x, scale, *([] if name == "rms_norm" else [bias]), order=order)
+
+
+@pytest.mark.parametrize("name", NORMS)
+def test_second_order_masked(name):
+    """Orders 1 and 2 (check_grads recurses), forward and reverse mode, with a mask."""
+    _check_norm(name, masked=True, order=2)
+
+
+@pytest.mark.parametrize("name", NORMS)
+def test_first_order_unmasked(name):
+    _check_norm(name, masked=False, order=1)
+
+
+def test_batch_norm_channels_last_rank_2():
+    with jax.enable_x64(True):
+        _check(functools.partial(_batch_norm_training, axis=-1), *_inputs((6, 3), (3,), seed=3), order=1)
+
+
+def test_moments():
+    with jax.enable_x64(True):
+        x, _, _ = _inputs((5, 4), (4,), seed=0)
+        mask = _mask(x.shape, 1)
+
+        def f(x):
+            return normjax.moments(x, 0)[:2], normjax.moments(x, 0, mask=mask, centered=False)[1]
+
+        _check(f, x, order=1)
+
+
+def test_normalize():
+    with jax.enable_x64(True):
+        x, scale, bias = _inputs((5, 3), (3,), seed=2)
+        mean, var = jnp.mean(x, 0, keepdims=True), jnp.var(x, 0, keepdims=True)
+        _check(normjax.normalize, x, mean, var, scale, bias, order=1)
+
+
+def test_batch_norm_eval():
+    with jax.enable_x64(True):
+        x, scale, bias = _inputs((4, 3), (3,), seed=5)
+        running_var = jnp.asarray([0.5, 1.0, 2.0])
+
+        def f(x, scale, bias, running_mean, running_var):
+            return normjax.batch_norm(x, normjax.BatchNormState(running_mean, running_var), scale, bias, training=False)
+
+        _check(f, x, scale, bias, jnp.asarray([0.1, -0.2, 0.3]), running_var, order=1)
+
+
+def test_ghost_batch_norm():
+    with jax.enable_x64(True):
+        x, scale, bias = _inputs((8, 3), (3,), seed=6)
+        state = normjax.init_batch_norm_state(3, jnp.float64)
+        _check(lambda *a: normjax.batch_norm(*a, training=True, virtual_batch_size=4), x, state, scale, bias, order=1)
+
+
+@pytest.mark.parametrize("name", NORMS)
+def test_masked_elements_get_zero_gradient_and_do_not_change_the_others(name):
+    """With a loss over the valid outputs only, the gradient ignores what masked positions hold (if finite)."""
+    base, shape, kwargs, param_shape = NORMS[name]
+
+    def fn(x, mask):
+        y = base(x, jnp.ones(param_shape, x.dtype), mask=mask, **kwargs)
+        return y[0] if name == "batch_norm" else y
+
+    x = jnp.asarray(np.random.default_rng(9).normal(size=shape), jnp.float32)
+    mask = _mask(shape, 10)
+    weights = jnp.asarray(np.random.default_rng(11).normal(size=shape), jnp.float32)
+    loss = jax.jit(jax.grad(lambda x: jnp.sum(jnp.where(mask, fn(x, mask=mask), 0.0) * weights)))
+    grad = loss(jnp.where(mask, x, 0.0))
+    np.testing.assert_array_equal(np.asarray(grad)[~np.asarray(mask)], 0.0)
+    np.testing.assert_allclose(loss(jnp.where(mask, x, 1e3)), grad, rtol=1e-5, atol=1e-6)
