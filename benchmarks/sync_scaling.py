@@ -172,10 +172,10 @@ def bn_call_bytes(features: int = 32) -> list[dict]:
 
 def run(quick: bool) -> dict:
     per_device_batch, size = (8, 12) if quick else (32, 16)
-    rounds, steps = (3, 2) if quick else (15, 5)
+    rounds, steps = (4, 2) if quick else (21, 5)
     optimizer = optax.sgd(0.05)
     rng = np.random.default_rng(0)
-    configs, results = [], {}
+    results = {}
     for n in DEVICE_COUNTS:
         mesh = Mesh(np.array(jax.devices()[:n]), ("d",))
         images = jnp.asarray(rng.normal(size=(n * per_device_batch, size, size, 3)), jnp.float32)
@@ -191,29 +191,37 @@ def run(quick: bool) -> dict:
             carry[:3] = step(*carry, images, labels)[:3]  # compile + warm up
             jax.block_until_ready(carry)
             key = (n, synchronized)
-            configs.append(key)
             results[key] = {"step": step, "carry": carry, "times": [], "ops": ops, "bytes": nbytes}
             results[key]["data"] = (images, labels)
-    for _ in range(rounds):  # interleaved: each round times every configuration once
-        for key in configs:
-            r = results[key]
-            start = time.perf_counter()
-            for _ in range(steps):
-                out = r["step"](*r["carry"], *r["data"])
-                r["carry"][:3] = out[:3]
-            jax.block_until_ready(r["carry"])
-            r["times"].append((time.perf_counter() - start) / steps)
+    for round_index in range(rounds):  # interleaved: every configuration once per round, local/sync order alternating
+        for n in DEVICE_COUNTS:
+            pair = [(n, False), (n, True)]
+            for key in pair if round_index % 2 == 0 else pair[::-1]:
+                r = results[key]
+                start = time.perf_counter()
+                for _ in range(steps):
+                    out = r["step"](*r["carry"], *r["data"])
+                    r["carry"][:3] = out[:3]
+                jax.block_until_ready(r["carry"])
+                r["times"].append((time.perf_counter() - start) / steps)
 
     rows = []
     for n in DEVICE_COUNTS:
         local, synced = results[(n, False)], results[(n, True)]
-        local_ms, synced_ms = (1e3 * statistics.median(r["times"]) for r in (local, synced))
+        # Each round times local and sync back to back, so their ratio within a round cancels slow load drifts.
+        paired = [t_sync / t_local for t_sync, t_local in zip(synced["times"], local["times"], strict=True)]
+        quartiles = np.percentile(paired, [25, 75]).tolist()
         rows.append(
             {
                 "devices": n,
-                "local_ms": local_ms,
-                "sync_ms": synced_ms,
-                "sync_over_local": synced_ms / local_ms,
+                "local_ms": 1e3 * statistics.median(local["times"]),
+                "sync_ms": 1e3 * statistics.median(synced["times"]),
+                "local_min_ms": 1e3 * min(local["times"]),
+                "sync_min_ms": 1e3 * min(synced["times"]),
+                "sync_over_local": statistics.median(paired),
+                "sync_over_local_quartiles": quartiles,
+                "local_times_s": local["times"],
+                "sync_times_s": synced["times"],
                 "local_step_all_reduce_ops": local["ops"],
                 "local_step_all_reduce_bytes": local["bytes"],
                 "sync_step_all_reduce_ops": synced["ops"],
@@ -243,16 +251,21 @@ def to_markdown(result: dict) -> str:
         "# Synchronized vs local BatchNorm: step time and collective bytes",
         "",
         f"Conv net {cfg['channels']} channels, per-device batch {cfg['per_device_batch']} of {cfg['image']} images, "
-        f"optax SGD; median of {cfg['rounds']} interleaved rounds of {cfg['steps_per_timing']} steps. "
+        f"optax SGD; {cfg['rounds']} interleaved rounds of {cfg['steps_per_timing']} steps. "
         f"jax {cfg['jax']}, {cfg['machine']}{' (quick mode)' if cfg['quick'] else ''}.",
         "",
-        "| devices | local ms/step | sync ms/step | sync / local | all-reduce ops/step local → sync | "
+        "Times are the median (min) over rounds; sync / local is the median of the per-round ratios, with their "
+        "interquartile range.",
+        "",
+        "| devices | local ms/step | sync ms/step | sync / local [IQR] | all-reduce ops/step local → sync | "
         "all-reduce bytes/device/step local → sync |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
+        q25, q75 = r["sync_over_local_quartiles"]
         lines.append(
-            f"| {r['devices']} | {r['local_ms']:.2f} | {r['sync_ms']:.2f} | {r['sync_over_local']:.2f} | "
+            f"| {r['devices']} | {r['local_ms']:.2f} ({r['local_min_ms']:.2f}) | "
+            f"{r['sync_ms']:.2f} ({r['sync_min_ms']:.2f}) | {r['sync_over_local']:.2f} [{q25:.2f}, {q75:.2f}] | "
             f"{r['local_step_all_reduce_ops']} → {r['sync_step_all_reduce_ops']} | "
             f"{r['local_step_all_reduce_bytes']} → {r['sync_step_all_reduce_bytes']} |"
         )
