@@ -45,9 +45,14 @@ def batch_norm(
     ``momentum`` is the weight of the old value, as in Flax: PyTorch's ``momentum=0.1`` is ``momentum=0.9``.
     In evaluation (``training=False``) the running statistics are used and the state is returned unchanged.
 
-    State safety: features whose batch has no valid element (an empty or all-masked batch) keep their running
-    statistics exactly; with ``skip_nonfinite`` (default) so do features whose batch statistics are not
-    finite, so one NaN batch cannot erase statistics accumulated over a long run.
+    State safety (see the guide "Errors and what they mean"): features whose batch has no valid element (an
+    empty or all-masked batch, on every device of ``axis_name``) keep their running statistics bit for bit;
+    with ``skip_nonfinite`` (default) so do features whose batch mean or variance is NaN or infinite, so one
+    bad batch cannot erase statistics accumulated over a long run (the output of such a batch stays
+    non-finite; with ``skip_nonfinite=False`` the non-finite statistics enter the state).
+    ``unbiased_running_var`` never divides by zero (no correction where a feature has one valid value). The
+    statistics are computed in float32 or wider and the update runs in the state's dtype, which must be
+    float32 or wider, whatever the activation dtype. Bad arguments raise at trace time, naming the argument.
 
     Args:
       x: the input, e.g. ``(N, C)``, ``(N, H, W, C)`` or ``(C,)`` per example under ``vmap``.
