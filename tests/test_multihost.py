@@ -33,6 +33,8 @@ def _child_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"
     env["JAX_PLATFORMS"] = "cpu"
+    # normjax from this checkout even when it is not installed (the parent imports it from the repository root).
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(WORKER.parents[1]), env.get("PYTHONPATH")]))
     return env
 
 
