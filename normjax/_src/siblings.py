@@ -6,8 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from normjax._src import axes as axes_lib
-from normjax._src.moments import moments
-from normjax._src.normalize import normalize
+from normjax._src.fused import standardize_with_moments
 
 
 def standardize(
@@ -24,17 +23,24 @@ def standardize(
     axis_index_groups=None,
     dtype=None,
 ) -> jax.Array:
-    """Moments over ``reduction_axes``, then :func:`normalize` with an affine along ``feature_axes``."""
-    stats = moments(
+    """Moments over ``reduction_axes``, then :func:`normalize` with an affine along ``feature_axes``.
+
+    Runs as one fused differentiable rule (``fused.py``); the plain moments + normalize code is its reference.
+    """
+    y, _ = standardize_with_moments(
         x,
-        reduction_axes,
+        scale,
+        bias,
+        reduction_axes=reduction_axes,
+        feature_axes=feature_axes,
+        epsilon=epsilon,
         mask=mask,
+        centered=centered,
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
-        keepdims=True,
-        centered=centered,
+        dtype=dtype,
     )
-    return normalize(x, stats.mean, stats.var, scale, bias, epsilon=epsilon, feature_axes=feature_axes, dtype=dtype)
+    return y
 
 
 def layer_norm(
