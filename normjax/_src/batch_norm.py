@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from normjax._src import axes as axes_lib
+from normjax._src.fused import standardize_with_moments
 from normjax._src.moments import moments
 from normjax._src.normalize import _broadcastable, normalize
 from normjax._src.state import BatchNormState, ema_update
@@ -128,11 +129,16 @@ def batch_norm(
 
     reduction_axes = axes_lib.complement(feature_axes, ndim)
     _check_enough_values(x.shape, reduction_axes, mask, axis_name, allow_single_value)
-    stats = moments(
-        x, reduction_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups, keepdims=True
-    )
-    scale, bias = _renormalized_affine(stats, state, scale, bias, feature_axes, renorm_clipping, epsilon)
-    y = normalize(x, stats.mean, stats.var, scale, bias, epsilon=epsilon, feature_axes=feature_axes)
+    if renorm_clipping is not None:
+        # r and d (constants in the gradient) need the batch statistics before the fused normalization.
+        batch_stats = moments(
+            x, reduction_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups, keepdims=True
+        )
+        scale, bias = _renormalized_affine(batch_stats, state, scale, bias, feature_axes, renorm_clipping, epsilon)
+    y, stats = standardize_with_moments(
+        x, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes, epsilon=epsilon, mask=mask,
+        axis_name=axis_name, axis_index_groups=axis_index_groups,
+    )  # fmt: skip
     squeeze = lambda a: jnp.reshape(a, feature_shape)  # noqa: E731
     new_state = _update_state(
         state,
