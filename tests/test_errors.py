@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import normjax as nj
+import normjax.linen
 
 X = jax.ShapeDtypeStruct((4, 6), jnp.float32)  # (N, C)
 IMG = jax.ShapeDtypeStruct((2, 3, 4, 6), jnp.float32)  # (N, H, W, C)
@@ -280,3 +281,15 @@ def test_complex_inputs_are_supported():
     np.testing.assert_allclose(new.mean, z64.mean(0), rtol=1e-6)
     np.testing.assert_allclose(new.var, var, rtol=1e-5)
     np.testing.assert_allclose(y, centered / np.sqrt(var), rtol=1e-4, atol=1e-5)
+
+
+def test_flax_initialization_with_a_batch_of_one_is_allowed_but_training_on_it_is_not():
+    layer = normjax.linen.BatchNorm(use_running_average=False, axis_name="batch")
+    one = jnp.ones((1, 6))
+    # model.init(key, x[:1]) is the common idiom: no error, and no bound axis_name needed either.
+    variables = jax.eval_shape(layer.init, jax.random.key(0), one)
+    assert variables["batch_stats"]["mean"].shape == (6,)
+    # Training on one value per feature, without a bound axis_name or a mask, is refused.
+    unsynchronized = normjax.linen.BatchNorm(use_running_average=False)
+    with pytest.raises(ValueError, match="`allow_single_value"):
+        jax.eval_shape(lambda v: unsynchronized.apply(v, one, mutable=["batch_stats"]), variables)
