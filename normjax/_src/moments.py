@@ -73,8 +73,9 @@ def moments(
     for uneven per-device counts (a device with no valid element contributes nothing). This takes two
     all-reduce rounds: ``(sum, count)`` and then the sum of squared deviations from the global mean, i.e.
     ``3 * F`` numbers in the statistics dtype per device per call for ``F`` statistics (``2 * F + 1`` without a
-    mask; one round of ``F + 1``, or ``2 * F`` with a mask, when ``centered=False``). Differentiating adds one
-    all-reduce of ``2 * F`` numbers in the backward pass. See the synchronization guide (``docs/guides/sync.md``).
+    mask; one round of ``F + 1``, or ``2 * F`` with a mask, when ``centered=False``). Differentiating adds
+    all-reduces of ``2 * F`` numbers (``F`` when ``centered=False``) in the backward pass. See the
+    synchronization guide (``docs/guides/sync.md``).
 
     Args:
       x: a floating-point or complex array.
