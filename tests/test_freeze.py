@@ -35,6 +35,11 @@ def _conv_net(batch_norm, *, attribute):
     return Net()
 
 
+def _normal(seed, shape):
+    """NumPy random inputs: no compilation of a random kernel per shape."""
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
 def _trained_variables(model, x):
     """Variables whose running statistics are away from their initial (0, 1), so eval differs from train."""
     variables = model.init(jax.random.key(0), x, train=False)
@@ -46,7 +51,7 @@ def _trained_variables(model, x):
 @pytest.mark.parametrize("attribute", [True, False], ids=["attribute", "call-argument"])
 def test_linen_frozen_training_step_equals_eval_and_keeps_stats(batch_norm, attribute):
     model = _conv_net(batch_norm, attribute=attribute)
-    x = jax.random.normal(jax.random.key(1), (6, 5, 5, 2))
+    x = _normal(1, (6, 5, 5, 2))
     variables = _trained_variables(model, x)
     eval_out = model.apply(variables, x, train=False)
     train_out, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
@@ -66,7 +71,7 @@ def test_linen_frozen_training_step_equals_eval_and_keeps_stats(batch_norm, attr
 @pytest.mark.parametrize("batch_norm", LINEN_BATCH_NORMS)
 def test_linen_freeze_where_selects_layers(batch_norm):
     model = _conv_net(batch_norm, attribute=True)
-    x = jax.random.normal(jax.random.key(2), (4, 5, 5, 2))
+    x = _normal(2, (4, 5, 5, 2))
     variables = _trained_variables(model, x)
     with normjax.freeze_batch_norm(where=lambda path: path == ("bn1",)):
         _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
@@ -78,7 +83,7 @@ def test_linen_freeze_where_selects_layers(batch_norm):
 
 def test_linen_freeze_ends_with_the_context():
     model = _conv_net(nn.BatchNorm, attribute=True)
-    x = jax.random.normal(jax.random.key(3), (4, 5, 5, 2))
+    x = _normal(3, (4, 5, 5, 2))
     variables = _trained_variables(model, x)
     with normjax.freeze_batch_norm():
         model.apply(variables, x, train=True, mutable=["batch_stats"])
@@ -89,7 +94,7 @@ def test_linen_freeze_ends_with_the_context():
 @pytest.mark.parametrize("batch_norm", LINEN_BATCH_NORMS)
 def test_stop_gradient_zeroes_frozen_batch_norm_params_only(batch_norm):
     model = _conv_net(batch_norm, attribute=True)
-    x = jax.random.normal(jax.random.key(4), (4, 5, 5, 2))
+    x = _normal(4, (4, 5, 5, 2))
     variables = _trained_variables(model, x)
     bn_paths = normjax.find_norm_modules(model, x, train=False, kinds=("BatchNorm",))
     assert bn_paths == [("BatchNorm_0",), ("bn1",)]
@@ -123,7 +128,7 @@ class _NnxNet(nnx.Module):
 @pytest.mark.parametrize("batch_norm", NNX_BATCH_NORMS)
 def test_nnx_frozen_batch_norm_keeps_stats_and_matches_eval(batch_norm):
     model = _NnxNet(batch_norm, nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(5), (8, 3))
+    x = _normal(5, (8, 3))
     model(x + 2.0)  # move the running statistics away from (0, 1)
     frozen = normjax.freeze_batch_norm_nnx(model)
     assert frozen == [("bn",)]
@@ -145,7 +150,7 @@ def test_nnx_frozen_params_leave_the_optimizer(batch_norm):
     frozen_params = nnx.All(nnx.Param, nnx.PathContains("bn"))
     optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.All(nnx.Param, nnx.Not(frozen_params)))
     scale, kernel = np.array(model.bn.scale[...]), np.array(model.linear.kernel[...])
-    x = jax.random.normal(jax.random.key(6), (8, 3))
+    x = _normal(6, (8, 3))
     grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2), argnums=nnx.DiffState(0, optimizer.wrt))(model)
     optimizer.update(model, grads)
     np.testing.assert_array_equal(model.bn.scale[...], scale)
