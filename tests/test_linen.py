@@ -188,6 +188,7 @@ def test_init_with_a_batch_of_one_and_an_unbound_axis_name():
     x = _input((1, 4), jnp.float32)
     for layer in (
         njn.BatchNorm(use_running_average=False, axis_name="batch", axis_index_groups=[[0, 1]]),
+        njn.BatchNorm(use_running_average=False, virtual_batch_size=4, renorm_clipping=(3.0, 5.0)),
         njn.LayerNorm(axis_name="batch"),
         njn.RMSNorm(axis_name="batch"),
         njn.GroupNorm(num_groups=2, axis_name="batch"),
@@ -234,6 +235,11 @@ def test_normjax_options_reach_the_core():
     y_ghost, _ = njn.BatchNorm(virtual_batch_size=4).apply(variables, x, **train)
     halves = [reference.batch_norm_train(np.asarray(x[i : i + 4]))[0] for i in (0, 4)]
     np.testing.assert_allclose(y_ghost, np.concatenate(halves), rtol=1e-5, atol=1e-5)
+
+    mask = jnp.arange(8)[:, None] < 5
+    y_bool, _ = njn.BatchNorm().apply(variables, x, mask=mask, **train)
+    y_float, _ = njn.BatchNorm().apply(variables, x, mask=mask.astype(jnp.float32), **train)
+    np.testing.assert_array_equal(y_float, y_bool)  # Flax accepts 0/1 masks of any dtype; so do the layers
 
     nan_batch = x.at[0, 1].set(jnp.nan)
     _, kept = njn.BatchNorm().apply(variables, nan_batch, **train)

@@ -143,13 +143,16 @@ def test_instance_norm_matches_flax(x_dtype, param_dtype, dtype, feature_axes, m
 
 def test_optional_affine_matches_flax():
     x = _input((8, 3), jnp.float32)
-    for flags in (dict(use_bias=False), dict(use_scale=False), dict(use_bias=False, use_scale=False)):
-        for name in ("BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm"):
-            groups = dict(num_groups=3) if name == "GroupNorm" else {}
-            flax_layer, nj_layer = _pair(name, 3, **flags, **groups)
-            _assert_close(nj_layer(x), flax_layer(x))
-    flax_rms, nj_rms = _pair("RMSNorm", 3, use_scale=False)
-    _assert_close(nj_rms(x), flax_rms(x))
+    cases = [
+        ("BatchNorm", dict(use_bias=False)),
+        ("LayerNorm", dict(use_scale=False)),
+        ("GroupNorm", dict(num_groups=3, use_bias=False, use_scale=False)),
+        ("InstanceNorm", dict(use_bias=False)),
+        ("RMSNorm", dict(use_scale=False)),
+    ]
+    for name, config in cases:
+        flax_layer, nj_layer = _pair(name, 3, **config)
+        _assert_close(nj_layer(x), flax_layer(x))
 
 
 def test_promote_dtype_hook_is_applied_as_in_flax():
