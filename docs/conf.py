@@ -27,7 +27,6 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
-    "sphinx.ext.doctest",
     "sphinx.ext.intersphinx",
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
@@ -52,8 +51,8 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
 
-# Doctest blocks rendered from docstrings run under pytest --doctest-modules; guides under tests/test_docs.py.
-doctest_global_setup = "import jax, jax.numpy as jnp, normjax"
+# Examples are tested by pytest, not by Sphinx's doctest builder: docstrings by `--doctest-modules` (with the
+# test suite's 8 simulated devices, which some examples need), README and guides by tests/test_docs.py.
 
 intersphinx_mapping = {}
 if os.environ.get("NORMJAX_DOCS_INTERSPHINX") == "1":
