@@ -40,13 +40,12 @@ exclude_patterns = ["_build", "**/_build", "Thumbs.db", ".DS_Store"]
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]
 myst_heading_anchors = 3
 
-# autodoc / autosummary / napoleon: Google-style docstrings, signatures as written in the source.
+# autodoc / autosummary / napoleon: Google-style docstrings; defaults shown as written in the source.
 autosummary_generate = False  # the API pages list their objects explicitly (see docs/api/)
 autodoc_typehints = "description"  # keeps signatures short (the Flax layers have many typed fields)
 autodoc_typehints_description_target = "documented"
 autodoc_member_order = "bysource"
 autodoc_preserve_defaults = True
-autodoc_default_options = {"members": False}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
