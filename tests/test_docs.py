@@ -139,3 +139,11 @@ def _run_doctest(code: str, namespace: dict, where: str) -> None:
     result = runner.run(test, out=report.append, clear_globs=False)
     assert result.failed == 0, "".join(report)
     namespace.update(test.globs)  # DocTest runs in a copy; later blocks see what this one defined
+
+
+def test_readme_links_point_to_existing_files():
+    readme = (ROOT / "README.md").read_text()
+    targets = [t for t in re.findall(r"\]\(([^)#\s]+)", readme) if "://" not in t]
+    assert targets, "README.md should link to the docs"
+    missing = [t for t in targets if not (ROOT / t).exists()]
+    assert not missing, f"README.md links to files that do not exist: {missing}"
