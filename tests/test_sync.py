@@ -304,9 +304,10 @@ def _vmap_loss(x, scale, bias, mask):
     return jnp.sum(jax.vmap(per_example, axis_name="b")(x, WEIGHTS, mask[:, 0]))
 
 
+@pytest.mark.parametrize("case", ["uneven", "zero_device"])
 @pytest.mark.parametrize("loss", [_pmap_loss, _shard_map_loss, _vmap_loss], ids=["pmap", "shard_map", "vmap"])
-def test_gradients_equal_global_gradients(loss):
-    x, mask = _data("uneven")
+def test_gradients_equal_global_gradients(loss, case):
+    x, mask = _data(case)
     x = np.where(mask, x, 0.0).astype(np.float32)  # masked NaN rows output NaN; 0 * NaN would reach d/dscale
     args = (jnp.asarray(x), SCALE, BIAS, jnp.asarray(mask))
     want = jax.grad(_global_loss, argnums=(0, 1, 2))(*args)
