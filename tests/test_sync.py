@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -189,6 +191,28 @@ def test_uneven_counts_are_weighted_by_count_not_by_device():
     np.testing.assert_array_equal(got.count[:, 0], 11.0)
     equal_weight_mean = np.mean([x[d][mask[d]].mean() for d in range(4)])  # what averaging device means gives
     assert abs(equal_weight_mean - valid.mean()) > 10  # 22.75 vs 8.91: the error this design avoids
+
+
+_PMAP_MOMENTS = jax.pmap(lambda x, m: normjax.moments(x, 0, mask=m, axis_name="i"), axis_name="i")
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(
+    counts=st.lists(st.integers(0, ROWS), min_size=DEVICES, max_size=DEVICES),
+    offset=st.sampled_from([0.0, -3.0, 1e2, 1e4]),
+    spread=st.floats(0.5, 10.0),
+    seed=st.integers(0, 2**16),
+)
+def test_any_split_of_valid_rows_gives_the_global_moments(counts, offset, spread, seed):
+    """One compiled program, many splits: per-device counts from 0 to all rows, offsets up to 1e4."""
+    rng = np.random.default_rng(seed)
+    x = (offset + spread * rng.normal(size=(DEVICES * ROWS, C))).astype(np.float32)
+    mask = np.concatenate([np.arange(ROWS) < c for c in counts])[:, None]
+    got = _PMAP_MOMENTS(_split(x, DEVICES), _split(mask, DEVICES))
+    mean, var, count = (a[0] for a in reference.moments(x, 0, mask))
+    np.testing.assert_array_equal(got.count, np.broadcast_to(count, got.count.shape))
+    np.testing.assert_allclose(got.mean, np.broadcast_to(mean, got.mean.shape), rtol=5e-7, atol=1e-5 * spread)
+    np.testing.assert_allclose(got.var, np.broadcast_to(var, got.var.shape), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("runner", ["pmap", "shard_map", "vmap"])
