@@ -304,6 +304,57 @@ def resnet_apply(
     return pooled @ params["head"]["w"] + params["head"]["b"], new_states
 
 
+def init_mlp(
+    rng: np.random.Generator, sizes: Sequence[int], init_std: float | None = None
+) -> tuple[list[dict], list[normjax.BatchNormState]]:
+    """A fully connected network ``sizes[0] -> ... -> sizes[-1]``; every hidden layer gets BatchNorm parameters
+    and state (used only when :func:`mlp_apply` is asked for BatchNorm). Weights are N(0, init_std^2), or He
+    initialization when ``init_std`` is None."""
+    params = []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
+        std = np.sqrt(2.0 / fan_in) if init_std is None else init_std
+        params.append(
+            {
+                "w": jnp.asarray(rng.normal(0.0, std, (fan_in, fan_out)).astype(np.float32)),
+                "b": jnp.zeros((fan_out,)),
+                **_norm_params(fan_out),
+            }
+        )
+    states = [normjax.init_batch_norm_state(n) for n in sizes[1:-1]]
+    return params, states
+
+
+def mlp_apply(
+    params: list[dict],
+    states: list[normjax.BatchNormState],
+    x: jax.Array,
+    *,
+    use_bn: bool,
+    training: bool,
+    activation: Callable[[jax.Array], jax.Array] = jax.nn.relu,
+    momentum: float = 0.9,
+) -> tuple[jax.Array, list[normjax.BatchNormState], list[jax.Array]]:
+    """Logits, new BatchNorm states and each hidden layer's nonlinearity input.
+
+    With ``use_bn`` each hidden layer computes ``activation(BN(x W))`` as in Ioffe & Szegedy (2015): BatchNorm
+    before the nonlinearity, its shift replacing the layer's bias.
+    """
+    new_states, preactivations = [], []
+    h = x
+    for layer, state in zip(params[:-1], states, strict=True):
+        z = h @ layer["w"]
+        if use_bn:
+            z, state = normjax.batch_norm(
+                z, state, layer["scale"], layer["bias"], training=training, momentum=momentum, epsilon=1e-5
+            )
+        else:
+            z = z + layer["b"]
+        new_states.append(state)
+        preactivations.append(z)
+        h = activation(z)
+    return h @ params[-1]["w"] + params[-1]["b"], new_states, preactivations
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean softmax cross-entropy with integer labels."""
     log_probs = jax.nn.log_softmax(logits)

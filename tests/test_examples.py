@@ -16,6 +16,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 # script -> (the PNG files it must write, the optional modules it needs)
 CASES = {
     "multi_device_training.py": (["accuracy_vs_steps.png"], ["optax", "matplotlib", "tqdm", "sklearn"]),
+    "vmap_sweep.py": (["accuracy_vs_learning_rate.png"], ["optax", "matplotlib", "tqdm", "sklearn"]),
 }
 
 
