@@ -185,7 +185,10 @@ def _fused_jvp(config: _Config, primals, tangents):
     valid_dx = dxf if mask is None else jnp.where(mask, dxf, jnp.zeros((), dxf.dtype))
     dmean = psum(_sum(valid_dx, config)) / n if config.centered else jnp.zeros_like(mean)
     # S = sum(m (x - mean) dx): d(var) = 2 S / n, and the projection of the tangent onto x-hat is inv_std^3 S / n.
-    projection = psum(_sum(_centered(config, xf, mean) * valid_dx, config))
+    valid_deviation = _centered(config, xf, mean)
+    if mask is not None:  # masked-out elements may hold NaN or inf: select, never multiply by zero
+        valid_deviation = jnp.where(mask, valid_deviation, jnp.zeros((), xf.dtype))
+    projection = psum(_sum(valid_deviation * dxf, config))
     dvar = 2.0 * projection / n
     coefficient = inv_std * inv_std * inv_std * projection / n
     as_feature = functools.partial(_broadcastable, ndim=ndim, feature_axes=config.feature_axes)
