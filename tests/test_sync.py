@@ -7,6 +7,8 @@ a device without a valid row, masked-out positions holding NaN, and a large offs
 """
 
 import functools
+import importlib.util
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -492,3 +494,39 @@ def test_axis_index_groups_under_shard_map_points_to_the_two_level_mesh():
     ) as info:
         jax.jit(f)(jnp.ones((DEVICES * 2, C)))
     assert "(groups, per_group)" in str(info.value) and "axis_name='per_group'" in str(info.value)
+
+
+# Collective cost, as documented in moments' docstring and docs/guides/sync.md.
+
+
+def _benchmark_module():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sync_scaling.py"
+    spec = importlib.util.spec_from_file_location("sync_scaling", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("features", [5, 32])
+def test_collective_bytes_per_call_match_the_documented_formula(features):
+    """From the compiled HLO: 2 rounds of 2F+1 (3F masked) float32 numbers forward, 2F more with a gradient."""
+    bench = _benchmark_module()
+    mesh = _mesh(DEVICES, ("d",))
+    expected = {
+        (False, False): (2, 4 * (2 * features + 1)),
+        (True, False): (2, 4 * 3 * features),
+    }
+    for (masked, _), (ops, nbytes) in expected.items():
+        assert bench.batch_norm_call_bytes(mesh, features, masked, backward=False) == (ops, nbytes)
+        grad_ops, grad_bytes = bench.batch_norm_call_bytes(mesh, features, masked, backward=True)
+        assert grad_bytes == nbytes + 4 * 2 * features and grad_ops > ops
+    rms = jax.jit(
+        jax.shard_map(
+            lambda x: normjax.rms_norm(x, axis=(0, 1), feature_axes=-1, axis_name="d"),
+            mesh=mesh,
+            in_specs=P("d"),
+            out_specs=P("d"),
+        )
+    )
+    hlo = rms.lower(jnp.ones((2 * DEVICES, 4, features))).compile().as_text()
+    assert bench.all_reduce_bytes(hlo) == (1, 4 * (features + 1))  # one round without centering
