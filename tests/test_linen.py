@@ -307,3 +307,13 @@ def test_jit_and_grad_through_a_model():
     grads, state = jax.grad(loss, has_aux=True)(variables["params"], x)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
     assert not np.allclose(state["batch_stats"]["BatchNorm_0"]["mean"], 0.0)
+
+
+def test_integer_inputs_are_promoted_as_in_flax():
+    x = jnp.arange(24).reshape(4, 6)
+    layers = [("BatchNorm", dict(use_running_average=False)), ("LayerNorm", {}), ("GroupNorm", dict(num_groups=2))]
+    layers += [("InstanceNorm", {}), ("RMSNorm", {})]
+    for name, config in layers:
+        flax_layer, nj_layer = getattr(nn, name)(use_fast_variance=False, **config), getattr(njn, name)(**config)
+        variables = flax_layer.init(KEY, x)
+        _assert_close(nj_layer.apply(variables, x, mutable=True)[0], flax_layer.apply(variables, x, mutable=True)[0])

@@ -54,6 +54,13 @@ def bool_mask(mask) -> jax.Array | None:
     return None if mask is None else jnp.asarray(mask, bool)
 
 
+def widen(x, out_dtype) -> jax.Array:
+    """``x`` in the promotion of its dtype and the output dtype: exact (a wider float, or an integer input made
+    floating, as Flax accepts), so the core computes in >= float32 and rounds once, to the output dtype."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, out_dtype))
+
+
 def feature_shape(shape: Sequence[int], axes: axes_lib.Axes, name: str) -> tuple[int, ...]:
     """The shape of a per-feature parameter: ``shape`` along the (sorted, non-negative) axes ``axes``."""
     return tuple(shape[a] for a in axes_lib.canonicalize_axes(axes, len(shape), name))
@@ -104,25 +111,23 @@ def apply_batch_norm(
     ``model.init(key, x)`` needs no bound ``axis_name`` and any init batch will do.
     """
     out = output_dtype(x, scale, bias, dtype=dtype)
-    # A wider input is exact and lets the core compute in the output precision; a narrower output is rounded
-    # once, at the end. Either way y matches Flax's: computed in >= float32, cast to `out`.
-    x = x.astype(jnp.promote_types(x.dtype, out))
+    x = widen(x, out)
     state = _running_state(running_mean, running_var, x.dtype)
-    common = dict(epsilon=epsilon, axis=axis)
+    shared = dict(epsilon=epsilon, axis=axis)
     if use_running_average:
-        y, _ = batch_norm(x, state, scale, bias, training=False, **common)
+        y, _ = batch_norm(x, state, scale, bias, training=False, **shared)
         return y.astype(out), None
     if initializing:
         y, _ = batch_norm(
             x, state, scale, bias, training=True, momentum=momentum, mask=bool_mask(mask), allow_single_value=True,
-            **common,
+            **shared,
         )  # fmt: skip
         return y.astype(out), None
     y, new_state = batch_norm(
         x, state, scale, bias, training=True, momentum=momentum, axis_name=axis_name,
         axis_index_groups=axis_index_groups, mask=bool_mask(mask), unbiased_running_var=unbiased_running_var,
         skip_nonfinite=skip_nonfinite, virtual_batch_size=virtual_batch_size, renorm_clipping=renorm_clipping,
-        **common,
+        **shared,
     )  # fmt: skip
     return y.astype(out), new_state
 
@@ -148,8 +153,9 @@ def apply_standardize(
     (initialization only needs the parameters' shapes).
     """
     sync = not initializing
+    out = output_dtype(x, scale, bias, dtype=dtype)
     return standardize(
-        x,
+        widen(x, out),
         scale,
         bias,
         reduction_axes=reduction_axes,
@@ -159,7 +165,7 @@ def apply_standardize(
         centered=centered,
         axis_name=axis_name if sync else None,
         axis_index_groups=axis_index_groups if sync else None,
-        dtype=output_dtype(x, scale, bias, dtype=dtype),
+        dtype=out,
     )
 
 
@@ -220,11 +226,12 @@ def apply_group_norm(
     Flax defines GroupNorm as standardizing ``x.reshape(..., groups, group_size)`` over ``reduction_axes`` and
     the group's channels, which is exactly :func:`standardize` on that view.
     """
-    axes_lib.check_inexact(x)
+    out = output_dtype(x, scale, bias, dtype=dtype)
+    x = widen(x, out)
     ndim = x.ndim
     channels = x.shape[-1]
     groups = group_count(channels, num_groups, group_size)
-    shared = _group_reduction_axes(ndim, reduction_axes)
+    spatial = _group_reduction_axes(ndim, reduction_axes)
     per_channel = f"one value per channel of the last axis ({channels})"
     axes_lib.check_param(scale, (channels,), "scale", per_channel)
     axes_lib.check_param(bias, (channels,), "bias", per_channel)
@@ -240,12 +247,12 @@ def apply_group_norm(
         regroup(x),
         per_group(scale),
         per_group(bias),
-        reduction_axes=shared + (ndim,),
+        reduction_axes=spatial + (ndim,),
         feature_axes=(ndim - 1, ndim),
         epsilon=epsilon,
         mask=regroup(mask),
         axis_name=axis_name if sync else None,
         axis_index_groups=axis_index_groups if sync else None,
-        dtype=output_dtype(x, scale, bias, dtype=dtype),
+        dtype=out,
     )
     return jnp.reshape(y, x.shape)
