@@ -73,11 +73,6 @@ def test_first_order_unmasked(name):
     _check_norm(name, masked=False, order=1)
 
 
-def test_batch_norm_channels_last_rank_2():
-    with jax.enable_x64(True):
-        _check(functools.partial(_batch_norm_training, axis=-1), *_inputs((6, 3), (3,), seed=3), order=1)
-
-
 def test_moments():
     with jax.enable_x64(True):
         x, _, _ = _inputs((5, 4), (4,), seed=0)

@@ -79,7 +79,8 @@ def test_jit_grad_vmap():
         return jnp.sum(normjax.normalize(x, m.mean, m.var, scale) ** 3)
 
     per_example = jax.vmap(jax.grad(loss), in_axes=(0, None))(x, scale)
-    looped = jnp.stack([jax.jit(jax.grad(loss))(xi, scale) for xi in x])
+    grad = jax.jit(jax.grad(loss))
+    looped = jnp.stack([grad(xi, scale) for xi in x])
     np.testing.assert_allclose(per_example, looped, rtol=1e-5, atol=1e-5)
 
 
