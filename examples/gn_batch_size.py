@@ -92,7 +92,7 @@ def main(argv=None):
     args = C.parse_args(__doc__.splitlines()[0], "gn_batch_size", argv)
     started = time.time()
     if args.quick:
-        data, batch_sizes, epochs, strided_block = C.load_digits(args.seed), (8, 2), 8, False
+        data, batch_sizes, epochs, strided_block = C.load_digits(args.seed), (8, 2), 3, False
     else:
         data, batch_sizes, epochs, strided_block = C.load_mnist1d(args.data_dir), (32, 16, 8, 4, 2), 20, True
     C.banner("Wu & He Figure 1: error vs images per worker", data, CLAIM, "quick" if args.quick else "full")
