@@ -6,6 +6,8 @@ the updated running statistics. Outputs match Flax's bit for bit in float32; the
 ``reference.tolerance`` of the output dtype.
 """
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -315,3 +317,11 @@ def test_integer_inputs_are_promoted_as_in_flax():
         flax_layer, nj_layer = getattr(nn, name)(use_fast_variance=False, **config), getattr(njn, name)(**config)
         variables = flax_layer.init(KEY, x)
         _assert_close(nj_layer.apply(variables, x, mutable=True)[0], flax_layer.apply(variables, x, mutable=True)[0])
+
+
+@pytest.mark.parametrize("name", njn.__all__)
+def test_attributes_extend_flax_in_order_with_the_same_defaults(name):
+    """Drop-in: Flax's attributes come first, in Flax's order and with Flax's defaults; normjax's follow."""
+    ours = [(f.name, f.default) for f in dataclasses.fields(getattr(njn, name)) if f.name not in ("parent", "name")]
+    flax = [(f.name, f.default) for f in dataclasses.fields(getattr(nn, name)) if f.name not in ("parent", "name")]
+    assert ours[: len(flax)] == flax

@@ -6,6 +6,8 @@ are ``reference.tolerance`` of the output dtype (with ``dtype=bfloat16`` Flax ev
 arithmetic where normjax uses float32, a difference of about one bfloat16 ulp).
 """
 
+import inspect
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -312,3 +314,14 @@ def test_constructor_errors_are_flax_compatible_and_clear():
         bn(jnp.ones((4, 3)))
     with pytest.raises(ValueError, match="scale"):
         njx.LayerNorm(4, rngs=nnx.Rngs(0))(jnp.ones((2, 3)))
+
+
+@pytest.mark.parametrize("name", njx.__all__)
+def test_constructor_extends_flax_in_order_with_the_same_defaults(name):
+    """Drop-in: Flax's constructor parameters come first, in Flax's order, kinds and defaults; normjax's follow
+    as keyword-only parameters."""
+    ours = list(inspect.signature(getattr(njx, name).__init__).parameters.values())
+    flax = list(inspect.signature(getattr(nnx, name).__init__).parameters.values())
+    summary = lambda params: [(p.name, p.kind, p.default) for p in params]  # noqa: E731
+    assert summary(ours[: len(flax)]) == summary(flax)
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in ours[len(flax) :])
