@@ -149,7 +149,7 @@ def test_momentum_extremes(momentum):
         np.testing.assert_allclose(new_state.var, var, **F32)
 
 
-@pytest.mark.parametrize(("shape", "axis"), [((8, 3), -1), ((4, 3, 5, 5), 1), ((4, 3, 5), (1, 2))])
+@pytest.mark.parametrize(("shape", "axis"), [((4, 3, 5, 5), 1), ((4, 3, 5), (1, 2))])
 def test_eval_is_the_affine_map_of_the_running_statistics(shape, axis):
     x, scale, bias, state = _inputs(shape, axis, seed=7)
     z = np.random.default_rng(8).normal(size=shape).astype(np.float32)
@@ -266,9 +266,10 @@ def test_renorm_treats_r_and_d_as_constants_in_the_gradient():
 # Ghost BatchNorm (Hoffer et al., 2017).
 
 
-@pytest.mark.parametrize(("shape", "axis"), [((12, 3), -1), ((8, 2, 3, 3), 1)])
-@pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("unbiased", [False, True])
+@pytest.mark.parametrize(
+    ("shape", "axis", "masked", "unbiased"),
+    [((12, 3), -1, False, False), ((12, 3), -1, True, True), ((8, 2, 3, 3), 1, True, False)],
+)
 def test_ghost_batch_norm_is_batch_norm_per_virtual_batch(shape, axis, masked, unbiased):
     x, scale, bias, state = _inputs(shape, axis, seed=15)
     virtual, ghosts = 4, shape[0] // 4

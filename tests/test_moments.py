@@ -36,8 +36,9 @@ def _assert_moments_close(got, want, **tol):
     np.testing.assert_array_equal(np.asarray(got.count), count)
 
 
-@pytest.mark.parametrize(("shape", "axes"), SHAPES_AND_AXES)
-@pytest.mark.parametrize("keepdims", [False, True])
+@pytest.mark.parametrize(
+    ("shape", "axes", "keepdims"), [(shape, axes, i % 2 == 0) for i, (shape, axes) in enumerate(SHAPES_AND_AXES)]
+)
 def test_matches_reference(shape, axes, keepdims):
     x = np.random.default_rng(0).normal(1.5, 2.0, shape).astype(np.float32)
     got = moments(jnp.asarray(x), axes, keepdims=keepdims)
