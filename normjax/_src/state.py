@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -39,7 +40,8 @@ def init_batch_norm_state(features: int | Sequence[int], dtype=jnp.float32) -> B
       >>> normjax.init_batch_norm_state(3)
       BatchNormState(mean=Array([0., 0., 0.], dtype=float32), var=Array([1., 1., 1.], dtype=float32))
     """
-    shape = (features,) if isinstance(features, int) else tuple(features)
+    # numbers.Integral: a NumPy integer (e.g. from np.prod or an array's shape arithmetic) is a size too.
+    shape = (int(features),) if isinstance(features, numbers.Integral) else tuple(int(f) for f in features)
     var_dtype = jnp.finfo(dtype).dtype if jnp.issubdtype(dtype, jnp.complexfloating) else dtype  # var is real
     return BatchNormState(mean=jnp.zeros(shape, dtype), var=jnp.ones(shape, var_dtype))
 
