@@ -52,6 +52,17 @@ def _ema(old, batch, momentum):
     return momentum * np.asarray(old, np.float64) + (1 - momentum) * batch
 
 
+@pytest.mark.parametrize("features", [3, np.int64(3), (2, 3), [2, np.int32(3)]])
+def test_initial_state(features):
+    state = normjax.init_batch_norm_state(features)
+    shape = (3,) if np.ndim(features) == 0 else (2, 3)
+    np.testing.assert_array_equal(state.mean, np.zeros(shape))
+    np.testing.assert_array_equal(state.var, np.ones(shape))
+    assert state.mean.dtype == state.var.dtype == jnp.float32
+    # A pytree of exactly (mean, var), constructible from those two alone.
+    assert normjax.BatchNormState(state.mean, state.var) == state and len(jax.tree.leaves(state)) == 2
+
+
 @pytest.mark.parametrize(("shape", "axis"), LAYOUTS)
 @pytest.mark.parametrize("masked", [False, True])
 def test_training_matches_reference(shape, axis, masked):
