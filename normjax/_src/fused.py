@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import numbers
 import threading
 from typing import NamedTuple
@@ -127,6 +128,54 @@ def _sum(values, config):
     return jnp.sum(values, config.reduction_axes, keepdims=True)
 
 
+def _viewer(shape: tuple[int, ...], pattern: tuple[int, ...], tag: int):
+    """Puts arrays on a private view of ``shape``: ``tag`` leading unit axes, adjacent axes of one role merged.
+
+    Why: XLA:CPU fuses an elementwise producer into a reduction only when the reduction is its only consumer,
+    and its common-subexpression pass merges identical broadcasts. So ``x - mean`` in the variance, the
+    output and each backward reduction would become one shared instruction, written out as a full-size
+    temporary (what makes naive two-pass slow). Expressions built on views of distinct shapes (a distinct
+    ``tag`` per use) cannot be merged, so each fuses into its own reduction and no temporary is written.
+
+    Axes are merged by their role in ``pattern`` (size 1: reduced by the expression's transpose; else kept).
+    Full-size arrays are reshaped onto the view; small ones are squeezed to their non-unit merged axes and
+    broadcast with ``broadcast_in_dim``, so transposed reductions also reduce the unit axes (XLA:CPU's
+    reductions are very slow when they keep a unit axis).
+    """
+    groups, previous = [], None
+    for axis in range(len(shape)):
+        reduced = pattern[axis] == 1
+        if reduced == previous:
+            groups[-1].append(axis)
+        else:
+            groups.append([axis])
+        previous = reduced
+    view_shape = (1,) * tag + tuple(math.prod(shape[i] for i in g) for g in groups)
+
+    def to_view(a):
+        if a.shape == tuple(shape):
+            return jnp.reshape(a, view_shape)
+        if any(len({a.shape[i] == 1 for i in g}) > 1 for g in groups):
+            a = jnp.broadcast_to(a, jnp.broadcast_shapes(a.shape, pattern))
+        full = [k for k, g in enumerate(groups) if a.shape[g[0]] != 1]
+        squeezed = jnp.reshape(a, tuple(view_shape[tag + k] for k in full))
+        return jax.lax.broadcast_in_dim(squeezed, view_shape, tuple(tag + k for k in full))
+
+    kept = tuple(tag + k for k, g in enumerate(groups) if pattern[g[0]] != 1)
+    return to_view, view_shape, kept
+
+
+def _sum_of_squared_deviations(config: _Config, xf, mean, mask):
+    """``sum(m (x - mean)^2)`` over the reduction axes, on a private view of ``x`` (see :func:`_viewer`)."""
+    view, view_shape, kept = _viewer(xf.shape, mean.shape, tag=1)
+    deviation = view(xf) - view(mean)
+    squares = deviation * deviation
+    if mask is not None:
+        squares = jnp.where(view(mask), squares, jnp.zeros((), xf.dtype))
+    view_axes = tuple(a for a in range(len(view_shape)) if a not in kept)
+    return jnp.reshape(jnp.sum(squares, view_axes), mean.shape)
+
+
 def _psum_fn(config: _Config):
     return functools.partial(_psum, axis_name=config.axis_name, axis_index_groups=config.axis_index_groups)
 
@@ -146,11 +195,7 @@ def _forward(config: _Config, x, scale, bias, mask):
         # Two plain sums, not one variadic reduce: XLA:CPU keeps plain sums on its fast reduction path.
         total, count = psum((_sum(valid, config), count))
         mean = total / jnp.maximum(count, 1)
-        deviation = xf - mean
-        squares = deviation * deviation
-        if mask is not None:
-            squares = jnp.where(mask, squares, jnp.zeros((), dtype))
-        m2 = psum(_sum(squares, config))
+        m2 = psum(_sum_of_squared_deviations(config, xf, mean, mask))
     else:
         m2, count = psum((_sum(valid * valid, config), count))
         mean = jnp.zeros(m2.shape, dtype)
@@ -192,10 +237,11 @@ def _fused_jvp(config: _Config, primals, tangents):
     dvar = 2.0 * projection / n
     coefficient = inv_std * inv_std * inv_std * projection / n
     as_feature = functools.partial(_broadcastable, ndim=ndim, feature_axes=config.feature_axes)
-    if not set(config.feature_axes) & set(config.reduction_axes):
-        # BatchNorm / InstanceNorm: scale is constant within each reduction, so every per-element term folds
-        # into small per-(statistics, feature) coefficients and the transposed (backward) rule needs only the
-        # reductions sum(g) and sum(g * (x - mean)).
+    if set(config.reduction_axes) - set(config.feature_axes):
+        # BatchNorm, InstanceNorm, GroupNorm: some reduction axes (batch, space) carry neither statistics nor
+        # features, so every per-element coefficient folds into a small array of the statistics' and features'
+        # broadcast shape, and the transposed (backward) rule reduces the full-size arrays only twice, over
+        # those axes: sum(g) and sum(g * (x - mean)); everything after that runs on small arrays.
         gain = inv_std if scale is None else inv_std * as_feature(scale)
         slope = -gain * inv_std * inv_std * projection / n
         offset = -gain * dmean
@@ -203,12 +249,23 @@ def _fused_jvp(config: _Config, primals, tangents):
             slope = slope + inv_std * as_feature(dscale)
         if bias is not None:
             offset = offset + as_feature(dbias)
-        dy = dxf * gain + _centered(config, xf, mean) * slope + offset
+        view, _, _ = _viewer(x.shape, slope.shape, tag=2)
+        dy = dxf * gain + jnp.reshape(_centered(config, view(xf), view(mean)) * view(slope), x.shape) + offset
     else:
-        dxhat = dxf * inv_std - inv_std * dmean - _centered(config, xf, mean) * coefficient
-        dy = dxhat if scale is None else dxhat * as_feature(scale)
+        # LayerNorm, RMSNorm: statistics and features together span x, so no coefficient is small. Each term
+        # whose transpose is a reduction lives on its own view (see _viewer).
+        scale_b = jnp.ones((1,) * ndim, xf.dtype) if scale is None else as_feature(scale)
+        per_row, _, _ = _viewer(x.shape, mean.shape, tag=2)
+        per_feature, _, _ = _viewer(x.shape, scale_b.shape, tag=3)
+        per_row_2, _, _ = _viewer(x.shape, mean.shape, tag=4)
+        # Signs sit on the small factors: a full-size negation would be shared by two reductions.
+        dy = dxf * (inv_std * scale_b) + jnp.reshape(per_row(-inv_std * dmean) * per_row(scale_b), x.shape)
+        dy = dy + jnp.reshape(
+            _centered(config, per_row_2(xf), per_row_2(mean)) * per_row_2(-coefficient) * per_row_2(scale_b), x.shape
+        )
         if scale is not None:
-            dy = dy + _centered(config, xf, mean) * inv_std * as_feature(dscale)
+            dev = _centered(config, per_feature(xf), per_feature(mean))
+            dy = dy + jnp.reshape(dev * per_feature(inv_std) * per_feature(as_feature(dscale)), x.shape)
         if bias is not None:
             dy = dy + as_feature(dbias)
     return (y, mean, var, count), (dy.astype(y.dtype), dmean, dvar, jnp.zeros_like(count))
