@@ -502,6 +502,7 @@ def main(argv=None):
         print(f"{norm} {layout} {shape}: fwd+bwd ratios {summary}", flush=True)
 
     command = "python benchmarks/run.py --out " + str(args.out) + (" --quick" if args.quick else "")
+    command += f" --reps {args.reps}" if args.reps else ""
     machine = _machine()
     (args.out / "results.json").write_text(
         json.dumps({"command": command, "machine": machine, "reps": reps, "rows": rows}, indent=1)
