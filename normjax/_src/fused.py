@@ -133,7 +133,7 @@ def _sum(values, config):
     return jnp.sum(values, config.reduction_axes, keepdims=True)
 
 
-def _viewer(shape: tuple[int, ...], pattern: tuple[int, ...], tag: int):
+def _viewer(shape: tuple[int, ...], pattern: tuple[int, ...], tag: int, explicit: bool = True):
     """Puts arrays on a private view of ``shape``: ``tag`` leading unit axes, adjacent axes of one role merged.
 
     Why: XLA:CPU fuses an elementwise producer into a reduction only when the reduction is its only consumer,
@@ -145,7 +145,9 @@ def _viewer(shape: tuple[int, ...], pattern: tuple[int, ...], tag: int):
     Axes are merged by their role in ``pattern`` (size 1: reduced by the expression's transpose; else kept).
     Full-size arrays are reshaped onto the view; small ones are squeezed to their non-unit merged axes and
     broadcast with ``broadcast_in_dim``, so transposed reductions also reduce the unit axes (XLA:CPU's
-    reductions are very slow when they keep a unit axis).
+    reductions are very slow when they keep a unit axis). With ``explicit=False`` (synchronized statistics) small
+    arrays keep unit axes and broadcast implicitly: an explicit full-size broadcast of a device-invariant value
+    would be marked device-varying at full size, and its transpose would all-reduce the whole array.
     """
     groups, previous = [], None
     for axis in range(len(shape)):
@@ -162,6 +164,8 @@ def _viewer(shape: tuple[int, ...], pattern: tuple[int, ...], tag: int):
             return jnp.reshape(a, view_shape)
         if any(len({a.shape[i] == 1 for i in g}) > 1 for g in groups):
             a = jnp.broadcast_to(a, jnp.broadcast_shapes(a.shape, pattern))
+        if not explicit:
+            return jnp.reshape(a, (1,) * tag + tuple(math.prod(a.shape[i] for i in g) for g in groups))
         full = [k for k, g in enumerate(groups) if a.shape[g[0]] != 1]
         squeezed = jnp.reshape(a, tuple(view_shape[tag + k] for k in full))
         return jax.lax.broadcast_in_dim(squeezed, view_shape, tuple(tag + k for k in full))
@@ -172,7 +176,7 @@ def _viewer(shape: tuple[int, ...], pattern: tuple[int, ...], tag: int):
 
 def _sum_of_squared_deviations(config: _Config, xf, mean, mask):
     """``sum(m (x - mean)^2)`` over the reduction axes, on a private view of ``x`` (see :func:`_viewer`)."""
-    view, view_shape, kept = _viewer(xf.shape, mean.shape, tag=1)
+    view, view_shape, kept = _viewer(xf.shape, mean.shape, tag=1, explicit=config.axis_name is None)
     deviation = view(xf) - view(mean)
     squares = deviation * deviation
     if mask is not None:
@@ -254,15 +258,15 @@ def _fused_jvp(config: _Config, primals, tangents):
             slope = slope + inv_std * as_feature(dscale)
         if bias is not None:
             offset = offset + as_feature(dbias)
-        view, _, _ = _viewer(x.shape, slope.shape, tag=2)
+        view, _, _ = _viewer(x.shape, slope.shape, tag=2, explicit=config.axis_name is None)
         dy = dxf * gain + jnp.reshape(_centered(config, view(xf), view(mean)) * view(slope), x.shape) + offset
     else:
         # LayerNorm, RMSNorm: statistics and features together span x, so no coefficient is small. Each term
         # whose transpose is a reduction lives on its own view (see _viewer).
         scale_b = jnp.ones((1,) * ndim, xf.dtype) if scale is None else as_feature(scale)
-        per_row, _, _ = _viewer(x.shape, mean.shape, tag=2)
-        per_feature, _, _ = _viewer(x.shape, scale_b.shape, tag=3)
-        per_row_2, _, _ = _viewer(x.shape, mean.shape, tag=4)
+        per_row, _, _ = _viewer(x.shape, mean.shape, tag=2, explicit=config.axis_name is None)
+        per_feature, _, _ = _viewer(x.shape, scale_b.shape, tag=3, explicit=config.axis_name is None)
+        per_row_2, _, _ = _viewer(x.shape, mean.shape, tag=4, explicit=config.axis_name is None)
         # Signs sit on the small factors: a full-size negation would be shared by two reductions.
         dy = dxf * (inv_std * scale_b) + jnp.reshape(per_row(-inv_std * dmean) * per_row(scale_b), x.shape)
         dy = dy + jnp.reshape(
