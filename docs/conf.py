@@ -39,9 +39,6 @@ exclude_patterns = ["_build", "**/_build", "Thumbs.db", ".DS_Store"]
 # MyST: $...$ math, ::: fences, heading anchors for cross-page links like [text](numerics.md#section).
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]
 myst_heading_anchors = 3
-# Heading-level jumps (## then ####, as in the benchmark tables pasted into guides/benchmarks.md) are cosmetic;
-# every other warning fails the build.
-suppress_warnings = ["myst.header"]
 
 # autodoc / autosummary / napoleon: Google-style docstrings; defaults shown as written in the source.
 autosummary_generate = False  # the API pages list their objects explicitly (see docs/api/)
