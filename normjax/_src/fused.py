@@ -23,7 +23,9 @@ code is written out as a full-size temporary and re-read. Here each reduction bu
 reshaped view (:func:`_viewer`), so none is shared: the forward is two reductions over ``x`` and one
 elementwise pass; the backward of BatchNorm, InstanceNorm and GroupNorm is two reductions (``sum(g)``,
 ``sum(g * (x - mean))``) and one elementwise pass, with every other term folded into small coefficients;
-LayerNorm and RMSNorm need four (two per row, two per feature).
+LayerNorm and RMSNorm need four (two per row, two per feature). GroupNorm on channels-last data reduces each
+group's few channels innermost, which XLA:CPU does about ten times slower than a copy; its full-size reductions
+are therefore per channel, and the channels of a group are summed on the small result (:func:`_trailing_reduced`).
 
 Cases the rule does not cover (complex inputs, a traced ``epsilon``) take the reference path, which remains
 the definition of the result; :func:`reference_path` forces it, so the tests can compare the two.
@@ -130,7 +132,34 @@ def standardize_with_moments(
 
 
 def _sum(values, config):
-    return jnp.sum(values, config.reduction_axes, keepdims=True)
+    return _staged_sum(values, config.reduction_axes)
+
+
+def _trailing_reduced(axes: tuple[int, ...], ndim: int) -> tuple[int, ...]:
+    """The reduced axes after the last kept one, when some reduced axis precedes it (GroupNorm, channels last).
+
+    Why: XLA:CPU reduces a short innermost axis that follows a kept one (the ``C/G`` channels of each group)
+    about ten times slower than it copies the array. Such reductions are staged: first over the leading reduced
+    axes only (the contiguous per-channel reduction of BatchNorm and InstanceNorm), then over these trailing
+    axes on that small partial result.
+    """
+    last_kept = max((a for a in range(ndim) if a not in axes), default=-1)
+    trailing = tuple(a for a in axes if a > last_kept)
+    return trailing if any(a < last_kept for a in axes) else ()
+
+
+def _staged_sum(values, axes: tuple[int, ...]):
+    """``jnp.sum(values, axes, keepdims=True)``, the trailing reduced axes last (see :func:`_trailing_reduced`)."""
+    trailing = _trailing_reduced(axes, jnp.ndim(values))
+    if trailing:
+        # On a view whose axes after the leading ones are merged: were the two sums on one shape, XLA would
+        # merge them back into the slow single reduction.
+        shape, leading = jnp.shape(values), tuple(a for a in axes if a not in trailing)
+        split = max(leading) + 1
+        partial = jnp.sum(jnp.reshape(values, shape[:split] + (math.prod(shape[split:]),)), leading)
+        values = jnp.reshape(partial, tuple(1 if a in leading else n for a, n in enumerate(shape)))
+        axes = trailing
+    return jnp.sum(values, axes, keepdims=True)
 
 
 def _viewer(shape: tuple[int, ...], pattern: tuple[int, ...], tag: int, explicit: bool = True):
@@ -175,14 +204,20 @@ def _viewer(shape: tuple[int, ...], pattern: tuple[int, ...], tag: int, explicit
 
 
 def _sum_of_squared_deviations(config: _Config, xf, mean, mask):
-    """``sum(m (x - mean)^2)`` over the reduction axes, on a private view of ``x`` (see :func:`_viewer`)."""
-    view, view_shape, kept = _viewer(xf.shape, mean.shape, tag=1, explicit=config.axis_name is None)
+    """``sum(m (x - mean)^2)`` over the reduction axes, on a private view of ``x`` (see :func:`_viewer`).
+
+    Trailing reduced axes (see :func:`_trailing_reduced`) are kept by the full-size reduction and summed after it.
+    """
+    trailing = _trailing_reduced(config.reduction_axes, xf.ndim)
+    pattern = tuple(xf.shape[a] if a in trailing else n for a, n in enumerate(mean.shape))
+    view, view_shape, kept = _viewer(xf.shape, pattern, tag=1, explicit=config.axis_name is None)
     deviation = view(xf) - view(mean)
     squares = deviation * deviation
     if mask is not None:
         squares = jnp.where(view(mask), squares, jnp.zeros((), xf.dtype))
     view_axes = tuple(a for a in range(len(view_shape)) if a not in kept)
-    return jnp.reshape(jnp.sum(squares, view_axes), mean.shape)
+    partial = jnp.reshape(jnp.sum(squares, view_axes), pattern)
+    return jnp.sum(partial, trailing, keepdims=True) if trailing else partial
 
 
 def _psum_fn(config: _Config):
