@@ -123,3 +123,26 @@ def test_sync_batch_norm_under_pmap_matches_the_global_batch():
     for d in range(DEVICES):
         np.testing.assert_allclose(state.mean[d], state_global.mean, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(state.var[d], state_global.var, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "norm",
+    [
+        lambda x: nj.moments(x, 0).var,
+        lambda x: nj.normalize(x, 0.0, 1.0),
+        lambda x: nj.layer_norm(x),
+        lambda x: nj.rms_norm(x),
+        lambda x: nj.group_norm(x, num_groups=1),
+        lambda x: nj.batch_norm(x, nj.init_batch_norm_state(3), training=True)[0],
+        lambda x: nj.batch_norm(x, nj.init_batch_norm_state(3), training=False)[0],
+    ],
+    ids=["moments", "normalize", "layer_norm", "rms_norm", "group_norm", "batch_norm_train", "batch_norm_eval"],
+)
+def test_numpy_float64_input_without_x64_computes_in_float32_silently(norm):
+    # NumPy arrays default to float64; with x64 off JAX stores them as float32, and so must every norm, without
+    # the "requested dtype float64 ... truncated" warning (the suite turns warnings into errors).
+    x = np.random.default_rng(0).normal(size=(4, 3))
+    assert not jax.config.jax_enable_x64
+    y = norm(x)
+    assert y.dtype == jnp.float32
+    assert np.all(np.isfinite(np.asarray(y)))

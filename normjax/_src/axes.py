@@ -97,8 +97,16 @@ def check_inexact(x: jax.Array, name: str = "x") -> None:
 
 
 def stats_dtype(dtype) -> jnp.dtype:
-    """The dtype statistics are computed in: float32 or wider (complex64 or wider for complex inputs)."""
-    return jnp.promote_types(dtype, jnp.float32)
+    """The dtype statistics are computed in: float32 or wider (complex64 or wider for complex inputs).
+
+    Canonicalized, so a NumPy float64 input with x64 disabled computes in float32 without a truncation warning.
+    """
+    return jax.dtypes.canonicalize_dtype(jnp.promote_types(dtype, jnp.float32))
+
+
+def output_dtype(x: jax.Array, dtype=None) -> jnp.dtype:
+    """The dtype of a norm's output: ``dtype`` if given, else ``x``'s, as JAX represents it (x64 or not)."""
+    return jax.dtypes.canonicalize_dtype(x.dtype if dtype is None else dtype)
 
 
 def check_mask(mask: jax.Array | None, shape: tuple[int, ...], name: str = "mask") -> None:

@@ -101,7 +101,7 @@ def standardize_with_moments(
     axes_lib.check_param(bias, feature_shape, "bias", f"the size of x's feature axes {features}")
     axes_lib.check_mask(mask, jnp.shape(x))
     axes_lib.check_axis_name(axis_name, axis_index_groups)
-    out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
+    out_dtype = axes_lib.output_dtype(x, dtype)
 
     fast = (
         not getattr(_state, "reference", False)

@@ -63,7 +63,7 @@ def normalize(
     feature_shape = tuple(x.shape[a] for a in feature_axes)
     axes_lib.check_param(scale, feature_shape, "scale", f"the size of x's feature axes {feature_axes}")
     axes_lib.check_param(bias, feature_shape, "bias", f"the size of x's feature axes {feature_axes}")
-    out_dtype = x.dtype if dtype is None else dtype
+    out_dtype = axes_lib.output_dtype(x, dtype)
 
     compute_dtype = axes_lib.stats_dtype(jnp.result_type(x, mean))
     multiplier = jax.lax.rsqrt(jnp.asarray(var, jnp.finfo(compute_dtype).dtype) + epsilon)
