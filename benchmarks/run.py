@@ -3,9 +3,12 @@
 For BatchNorm (training), LayerNorm, RMSNorm, GroupNorm and InstanceNorm on realistic shapes (NHWC conv
 activations, (B, T, D) sequences, (N, C) MLP activations), every implementation is timed forward and
 forward+backward (``jax.vjp`` with an upstream gradient, returning the output and the gradients of the input, scale
-and bias, as inside a network). Repetitions are interleaved in one process (each round calls every implementation
-once, in a rotating order) and medians are reported as ratios to ``flax.linen`` with its defaults
-(``use_fast_variance=True``), so load from other processes hits every implementation alike.
+and bias, as inside a network). The script re-executes itself on one pinned core, single-threaded, with glibc
+keeping freed memory (see ``_timing.py`` for why each matters). Repetitions are interleaved in one process (each
+round takes a sample of every implementation, in a rotating order; a sample is a block of warm back-to-back calls)
+and medians are reported as ratios to ``flax.linen`` with its defaults (``use_fast_variance=True``). A second,
+separately compiled copy of that baseline, ``flax.linen (control)``, is timed like the others: its distance from
+1.00 is the noise floor of the run.
 
 Also reported, per case:
 
@@ -31,10 +34,9 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
+import _timing
 import equinox as eqx
 import flax.linen as nn
 import haiku as hk
@@ -47,6 +49,7 @@ from flax import nnx
 import normjax
 
 BASELINE = "flax.linen"
+CONTROL = "flax.linen (control)"
 OFFSETS = (0.0, 1e2, 1e4)
 
 
@@ -214,6 +217,7 @@ def _implementations(norm, shape):
     impls = {
         "normjax": _normjax(norm, shape),
         BASELINE: _linen(norm, shape, fast=True),
+        CONTROL: _linen(norm, shape, fast=True),
         "flax.linen (two-pass)": _linen(norm, shape, fast=False),
         "flax.nnx": _nnx(norm, shape),
         "haiku": _haiku(norm, shape),
@@ -306,23 +310,7 @@ def _vjp(f):
     return fwd_bwd
 
 
-def _interleaved(callables: dict, reps: int, warmup: int = 2) -> dict:
-    """Median seconds per callable; each round calls every callable once, in a rotating order."""
-    names = list(callables)
-    for name in names:
-        for _ in range(warmup):
-            callables[name]()
-    times = {name: [] for name in names}
-    for r in range(reps):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for name in order:
-            start = time.perf_counter()
-            callables[name]()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def run_case(norm, layout, shape, reps):
+def run_case(norm, layout, shape, rounds):
     """Times, memory and accuracy for one (norm, shape) across all implementations."""
     c = shape[-1]
     key_x, key_g = jax.random.split(jax.random.key(0))
@@ -343,7 +331,7 @@ def run_case(norm, layout, shape, reps):
     for (name, mode), fn in compiled.items():
         args = (x, s, b) if mode == "fwd" else (x, s, b, g)
         calls[f"{name} ({mode})"] = lambda fn=fn, args=args: _block(fn(*args))
-    medians = _interleaved(calls, reps)
+    medians = _timing.interleaved(calls, rounds)
 
     bandwidth = 2 * nbytes / medians["copy probe"]  # bytes per second, read + write
     must_move = {"fwd": 2 * nbytes, "fwd+bwd": 5 * nbytes}
@@ -392,6 +380,8 @@ def _machine() -> dict:
         "jax_devices": len(jax.devices()),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "pinned_cores": sorted(os.sched_getaffinity(0)),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "python": platform.python_version(),
         "load_average": os.getloadavg(),
     }
@@ -402,10 +392,12 @@ def _markdown(rows, machine, command, bandwidths) -> str:
         f"Command: `{command}`",
         "",
         f"Machine: {machine['processor']}, {machine['cpu_count']} cores, {machine['platform']}; jax "
-        f"{machine['jax']} ({machine['jax_backend']}), torch {machine['torch']} ({machine['torch_threads']} threads); "
+        f"{machine['jax']} ({machine['jax_backend']}, `XLA_FLAGS={machine['xla_flags']}`), torch {machine['torch']} "
+        f"({machine['torch_threads']} thread); pinned to core {machine['pinned_cores']}; "
         f"load average at the end {tuple(round(v, 1) for v in machine['load_average'])}.",
         "",
-        "Ratios are medians of interleaved repetitions divided by `flax.linen` defaults (lower is faster). "
+        "Ratios are medians of interleaved samples divided by `flax.linen` defaults (lower is faster); "
+        f"`{CONTROL}` is a second copy of that baseline, so its distance from 1.00 is this run's noise. "
         "Roofline: fraction of the measured copy bandwidth needed to move the bytes that must move. "
         "Temp: compiled temporary memory as a multiple of the input. Error: max |y - float64| at input means "
         "0 / 1e2 / 1e4.",
@@ -486,26 +478,27 @@ def _plots(rows, out: Path) -> list[str]:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks"))
-    parser.add_argument("--quick", action="store_true", help="three small cases, three rounds (< 60 s)")
-    parser.add_argument("--reps", type=int, default=None, help="interleaved rounds (default 25, quick 3)")
+    parser.add_argument("--quick", action="store_true", help="three small cases, two rounds (< 60 s)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 9, quick 2)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(os.cpu_count() or 1)  # XLA:CPU uses every core too
-    reps = args.reps or (3 if args.quick else 25)
+    _timing.quiet_process()
+    torch.set_num_threads(1)  # XLA:CPU runs single-threaded too (see _timing.py)
+    rounds = args.rounds or (2 if args.quick else 9)
     args.out.mkdir(parents=True, exist_ok=True)
 
     rows, bandwidths = [], {}
     for norm, layout, shape in _cases(args.quick):
-        case_rows, bandwidth = run_case(norm, layout, shape, reps)
+        case_rows, bandwidth = run_case(norm, layout, shape, rounds)
         rows += case_rows
         bandwidths[(norm, layout, tuple(shape))] = bandwidth
         summary = {r["impl"]: round(r["ratio"], 2) for r in case_rows if r["mode"] == "fwd+bwd"}
         print(f"{norm} {layout} {shape}: fwd+bwd ratios {summary}", flush=True)
 
     command = "python benchmarks/run.py --out " + str(args.out) + (" --quick" if args.quick else "")
-    command += f" --reps {args.reps}" if args.reps else ""
+    command += f" --rounds {args.rounds}" if args.rounds else ""
     machine = _machine()
     (args.out / "results.json").write_text(
-        json.dumps({"command": command, "machine": machine, "reps": reps, "rows": rows}, indent=1)
+        json.dumps({"command": command, "machine": machine, "rounds": rounds, "rows": rows}, indent=1)
     )
     (args.out / "results.md").write_text(_markdown(rows, machine, command, bandwidths))
     plots = _plots(rows, args.out)
