@@ -315,8 +315,12 @@ def _fused_jvp(config: _Config, primals, tangents):
         per_row, _, _ = _viewer(x.shape, mean.shape, tag=2, explicit=config.axis_name is None)
         per_feature, _, _ = _viewer(x.shape, scale_b.shape, tag=3, explicit=config.axis_name is None)
         per_row_2, _, _ = _viewer(x.shape, mean.shape, tag=4, explicit=config.axis_name is None)
-        # Signs sit on the small factors: a full-size negation would be shared by two reductions.
-        dy = dxf * (inv_std * scale_b) + jnp.reshape(per_row(-inv_std * dmean) * per_row(scale_b), x.shape)
+        per_row_3, _, _ = _viewer(x.shape, mean.shape, tag=5, explicit=config.axis_name is None)
+        # Signs sit on the small factors: a full-size negation would be shared by two reductions. Each product
+        # of a per-row and a per-feature factor is built on a view too: in the plain shape XLA:CPU writes their
+        # full-size outer product out before the backward's library fusion reads it.
+        dy = jnp.reshape(per_row_3(dxf) * per_row_3(inv_std) * per_row_3(scale_b), x.shape)
+        dy = dy + jnp.reshape(per_row(-inv_std * dmean) * per_row(scale_b), x.shape)
         dy = dy + jnp.reshape(
             _centered(config, per_row_2(xf), per_row_2(mean)) * per_row_2(-coefficient) * per_row_2(scale_b), x.shape
         )
