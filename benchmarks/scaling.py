@@ -4,7 +4,8 @@ BatchNorm (training, ``(N, 256)``) and LayerNorm (``(N, 1024)``) forward and for
 1e5, 1e6, 1e7 and 1e8 float32 elements (quick mode: 1e4 to 1e6). Repetitions are interleaved across
 implementations within each size; medians are reported as nanoseconds per element and the growth exponent is
 the least-squares slope of log(time) against log(size) over the sizes of at least 1e6 elements (below that, fixed
-dispatch costs dominate). Cost versus the number of devices for synchronized BatchNorm is measured by
+dispatch costs dominate). Timing as in ``run.py``: one pinned core, single-threaded, interleaved warm samples (see
+``_timing.py``). Cost versus the number of devices for synchronized BatchNorm is measured by
 ``benchmarks/sync_scaling.py``.
 
 Usage::
@@ -19,10 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
+import _timing
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -71,17 +71,10 @@ def measure(norm, size, reps):
         both = jax.jit(_with_backward(f)).lower(x, s, b, g).compile()
         calls[(name, "fwd")] = lambda fwd=fwd: jax.block_until_ready(fwd(x, s, b))
         calls[(name, "fwd+bwd")] = lambda both=both: jax.block_until_ready(both(x, s, b, g))
-    for call in calls.values():
-        call()
-    times = {key: [] for key in calls}
-    for _ in range(reps):
-        for key, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[key].append(time.perf_counter() - start)
+    medians = _timing.interleaved(calls, reps, calls_per_sample=1 if size >= 10**7 else 3)
     return [
-        {"norm": norm, "impl": k[0], "mode": k[1], "elements": x.size, "seconds": statistics.median(t)}
-        for k, t in times.items()
+        {"norm": norm, "impl": k[0], "mode": k[1], "elements": x.size, "seconds": seconds}
+        for k, seconds in medians.items()
     ]
 
 
@@ -98,6 +91,7 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=Path("outputs/scaling"))
     parser.add_argument("--quick", action="store_true", help="sizes 1e4..1e6 only")
     args = parser.parse_args(argv)
+    _timing.quiet_process()
     args.out.mkdir(parents=True, exist_ok=True)
     sizes = [10**k for k in (4, 5, 6)] if args.quick else [10**k for k in (4, 5, 6, 7, 8)]
     results = []
@@ -126,7 +120,7 @@ def main(argv=None):
     header = [
         f"Command: `{command}`",
         "",
-        "Nanoseconds per element (median of interleaved repetitions) by input size; growth exponent k in "
+        "Nanoseconds per element (median of interleaved samples, one pinned core) by input size; growth exponent k in "
         "time ~ size^k fitted over sizes >= 1e6 (k = 1: linear).",
         "",
     ]
