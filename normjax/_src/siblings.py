@@ -9,40 +9,6 @@ from normjax._src import axes as axes_lib
 from normjax._src.fused import standardize_with_moments
 
 
-def standardize(
-    x: jax.Array,
-    scale: jax.Array | None,
-    bias: jax.Array | None,
-    *,
-    reduction_axes: axes_lib.Axes,
-    feature_axes: axes_lib.Axes,
-    epsilon: float,
-    mask: jax.Array | None = None,
-    centered: bool = True,
-    axis_name: axes_lib.AxisName = None,
-    axis_index_groups=None,
-    dtype=None,
-) -> jax.Array:
-    """Moments over ``reduction_axes``, then :func:`normalize` with an affine along ``feature_axes``.
-
-    Runs as one fused differentiable rule (``fused.py``); the plain moments + normalize code is its reference.
-    """
-    y, _ = standardize_with_moments(
-        x,
-        scale,
-        bias,
-        reduction_axes=reduction_axes,
-        feature_axes=feature_axes,
-        epsilon=epsilon,
-        mask=mask,
-        centered=centered,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        dtype=dtype,
-    )
-    return y
-
-
 def layer_norm(
     x: jax.Array,
     scale: jax.Array | None = None,
@@ -87,7 +53,7 @@ def layer_norm(
     """
     axes_lib.check_inexact(x)
     axis = axes_lib.canonicalize_axes(axis, jnp.ndim(x), "axis")  # so errors name `axis`, not the core's `axes`
-    return standardize(
+    return standardize_with_moments(
         x,
         scale,
         bias,
@@ -97,7 +63,7 @@ def layer_norm(
         mask=mask,
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
-    )
+    )[0]
 
 
 def rms_norm(
@@ -141,7 +107,7 @@ def rms_norm(
     """
     axes_lib.check_inexact(x)
     axis = axes_lib.canonicalize_axes(axis, jnp.ndim(x), "axis")  # so errors name `axis`, not the core's `axes`
-    return standardize(
+    return standardize_with_moments(
         x,
         scale,
         None,
@@ -152,7 +118,7 @@ def rms_norm(
         centered=False,
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
-    )
+    )[0]
 
 
 def group_norm(
@@ -213,7 +179,7 @@ def group_norm(
     axes_lib.check_param(scale, (channels,), "scale", f"one value per channel along axis {channel_axis}")
     axes_lib.check_param(bias, (channels,), "bias", f"one value per channel along axis {channel_axis}")
     per_group = lambda p: None if p is None else jnp.reshape(p, (groups, channels // groups))  # noqa: E731
-    y = standardize(
+    y = standardize_with_moments(
         regroup(x),
         per_group(scale),
         per_group(bias),
@@ -223,7 +189,7 @@ def group_norm(
         mask=regroup(mask),
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
-    )
+    )[0]
     return jnp.reshape(y, x.shape)
 
 
@@ -273,7 +239,7 @@ def instance_norm(
     axes_lib.check_inexact(x)
     ndim = jnp.ndim(x)
     channel_axis = axes_lib.canonicalize_channel_axis(axis, ndim, "instance_norm")
-    return standardize(
+    return standardize_with_moments(
         x,
         scale,
         bias,
@@ -283,4 +249,4 @@ def instance_norm(
         mask=mask,
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
-    )
+    )[0]
