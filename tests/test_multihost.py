@@ -39,8 +39,14 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _run_workers() -> list[dict]:
-    port = _free_port()
+class _PortTaken(Exception):
+    """The coordinator could not bind its port: another process took it between _free_port() and the bind."""
+
+
+_PORT_TAKEN_MESSAGES = ("already in use", "Failed to add port")
+
+
+def _run_workers_once(port: int) -> list[dict]:
     procs = [
         subprocess.Popen(
             [sys.executable, str(WORKER), str(i), str(NUM_PROCESSES), str(port)],
@@ -55,6 +61,8 @@ def _run_workers() -> list[dict]:
     try:
         for proc in procs:
             stdout, stderr = proc.communicate(timeout=max(deadline - time.monotonic(), 1.0))
+            if proc.returncode != 0 and any(message in stderr for message in _PORT_TAKEN_MESSAGES):
+                raise _PortTaken(stderr[-1000:])
             assert proc.returncode == 0, f"worker failed with code {proc.returncode}:\n{stderr[-3000:]}"
             outputs.append(stdout)
     finally:
@@ -64,6 +72,16 @@ def _run_workers() -> list[dict]:
                 proc.communicate()
     # gloo prints connection lines on stdout too; the result is the one JSON line.
     return [json.loads(next(line for line in out.splitlines() if line.startswith("{"))) for out in outputs]
+
+
+def _run_workers(attempts: int = 3) -> list[dict]:
+    """Runs the workers, on a fresh port again if the free port was taken before the coordinator bound it."""
+    for _ in range(attempts - 1):
+        try:
+            return _run_workers_once(_free_port())
+        except _PortTaken:
+            continue
+    return _run_workers_once(_free_port())
 
 
 @pytest.fixture(scope="module")
