@@ -310,14 +310,21 @@ def _vjp(f):
     return fwd_bwd
 
 
-def run_case(norm, layout, shape, rounds):
-    """Times, memory and accuracy for one (norm, shape) across all implementations."""
+def run_case(norm, layout, shape, rounds, members=0):
+    """Times, memory and accuracy for one (norm, shape) across all implementations.
+
+    With ``members`` > 0 every JAX implementation is ``jax.vmap``-ed over an ensemble of that many independent
+    members (each with its own data, scale and bias; PyTorch is not run): the vmap experiments of the brief.
+    """
     c = shape[-1]
+    ensemble = (members,) if members else ()
     key_x, key_g = jax.random.split(jax.random.key(0))
-    x = jax.random.normal(key_x, shape, jnp.float32)
-    g = jax.random.normal(key_g, shape, jnp.float32)
-    s, b = jnp.ones(c), jnp.zeros(c)
+    x = jax.random.normal(key_x, ensemble + shape, jnp.float32)
+    g = jax.random.normal(key_g, ensemble + shape, jnp.float32)
+    s, b = jnp.ones(ensemble + (c,)), jnp.zeros(ensemble + (c,))
     impls = _implementations(norm, shape)
+    if members:
+        impls = {name: jax.vmap(f) for name, f in impls.items()}
     nbytes = x.size * x.dtype.itemsize
 
     compiled = {}
@@ -326,8 +333,9 @@ def run_case(norm, layout, shape, rounds):
         compiled[(name, "fwd+bwd")] = _compile(_vjp(f), (x, s, b, g))
     probe = _compile(lambda x: x * 2.0, (x,))
 
-    torch_fwd, torch_fwd_bwd = _torch_fns(norm, shape)
-    calls = {"copy probe": lambda: _block(probe(x)), "pytorch (fwd)": torch_fwd, "pytorch (fwd+bwd)": torch_fwd_bwd}
+    calls = {"copy probe": lambda: _block(probe(x))}
+    if not members:
+        calls["pytorch (fwd)"], calls["pytorch (fwd+bwd)"] = _torch_fns(norm, shape)
     for (name, mode), fn in compiled.items():
         args = (x, s, b) if mode == "fwd" else (x, s, b, g)
         calls[f"{name} ({mode})"] = lambda fn=fn, args=args: _block(fn(*args))
@@ -336,13 +344,14 @@ def run_case(norm, layout, shape, rounds):
     bandwidth = 2 * nbytes / medians["copy probe"]  # bytes per second, read + write
     must_move = {"fwd": 2 * nbytes, "fwd+bwd": 5 * nbytes}
     rows = []
-    for name in list(impls) + ["pytorch"]:
+    for name in list(impls) + ([] if members else ["pytorch"]):
         for mode in ("fwd", "fwd+bwd"):
             seconds = medians[f"{name} ({mode})"]
             row = {
                 "norm": norm,
                 "layout": layout,
                 "shape": list(shape),
+                "members": members,
                 "impl": name,
                 "mode": mode,
                 "seconds": seconds,
@@ -359,7 +368,8 @@ def run_case(norm, layout, shape, rounds):
         for offset in OFFSETS:
             xo = x + offset
             y = np.asarray(compiled[(name, "fwd")](xo, s, b), np.float64)
-            errs.append(float(np.max(np.abs(y - _reference64(norm, xo)))))
+            reference = np.stack([_reference64(norm, m) for m in xo]) if members else _reference64(norm, xo)
+            errs.append(float(np.max(np.abs(y - reference))))
         errors[name] = errs
     for row in rows:
         if row["impl"] in errors and row["mode"] == "fwd":
@@ -412,8 +422,9 @@ def _markdown(rows, machine, command, bandwidths) -> str:
         sub = [r for r in rows if (r["norm"], r["layout"], tuple(r["shape"])) == (norm, layout, shape)]
         base = {r["mode"]: r["seconds"] for r in sub if r["impl"] == BASELINE}
         bw = bandwidths[(norm, layout, tuple(shape))] / 1e9
+        members = sub[0]["members"]
         lines += [
-            f"### {norm} {layout} {shape}",
+            f"### {norm} {layout} {shape}" + (f", vmap over {members} members" if members else ""),
             "",
             f"Flax default: forward {base['fwd'] * 1e3:.2f} ms, forward+backward {base['fwd+bwd'] * 1e3:.2f} ms; "
             f"copy probe {bw:.1f} GB/s.",
@@ -480,6 +491,13 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks"))
     parser.add_argument("--quick", action="store_true", help="three small cases, two rounds (< 60 s)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 9, quick 2)")
+    parser.add_argument(
+        "--ensemble",
+        type=int,
+        default=0,
+        metavar="E",
+        help="vmap every JAX implementation over E members, each with 1/E of each case's batch (no PyTorch)",
+    )
     args = parser.parse_args(argv)
     _timing.quiet_process()
     torch.set_num_threads(1)  # XLA:CPU runs single-threaded too (see _timing.py)
@@ -488,7 +506,9 @@ def main(argv=None):
 
     rows, bandwidths = [], {}
     for norm, layout, shape in _cases(args.quick):
-        case_rows, bandwidth = run_case(norm, layout, shape, rounds)
+        if args.ensemble:  # the same bytes as the plain case, split across the members
+            shape = (max(shape[0] // args.ensemble, 1),) + tuple(shape[1:])
+        case_rows, bandwidth = run_case(norm, layout, shape, rounds, members=args.ensemble)
         rows += case_rows
         bandwidths[(norm, layout, tuple(shape))] = bandwidth
         summary = {r["impl"]: round(r["ratio"], 2) for r in case_rows if r["mode"] == "fwd+bwd"}
@@ -496,6 +516,7 @@ def main(argv=None):
 
     command = "python benchmarks/run.py --out " + str(args.out) + (" --quick" if args.quick else "")
     command += f" --rounds {args.rounds}" if args.rounds else ""
+    command += f" --ensemble {args.ensemble}" if args.ensemble else ""
     machine = _machine()
     (args.out / "results.json").write_text(
         json.dumps({"command": command, "machine": machine, "rounds": rounds, "rows": rows}, indent=1)

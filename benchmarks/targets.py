@@ -42,7 +42,8 @@ def table(runs: list[list[dict]]) -> str:
     ]
     for case in cases:
         norm, layout, shape = case
-        cells = [f"{norm} {layout} {shape}"]
+        members = next(r.get("members", 0) for r in runs[0] if (r["norm"], r["layout"], tuple(r["shape"])) == case)
+        cells = [f"{norm} {layout} {shape}" + (f" x {members} (vmap)" if members else "")]
         for mode, target in zip(("fwd", "fwd+bwd"), TARGETS[norm], strict=True):
             values = [_ratios(rows, case, mode)["normjax"] for rows in runs]
             cells += [" / ".join(f"{v:.2f}" for v in values), f"<= {target}", "yes" if max(values) <= target else "no"]
@@ -51,7 +52,8 @@ def table(runs: list[list[dict]]) -> str:
         both = _ratios(runs[0], case, "fwd+bwd")
         peer = min((p for p in JAX_PEERS if p in both), key=both.get)
         cells.append(f"{peer} {both[peer]:.2f}")
-        cells.append(f"{_ratios(runs[0], case, 'fwd')['pytorch']:.2f} / {both['pytorch']:.2f}")
+        forward = _ratios(runs[0], case, "fwd")
+        cells.append(f"{forward['pytorch']:.2f} / {both['pytorch']:.2f}" if "pytorch" in both else "n/a")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
