@@ -162,7 +162,7 @@ def _staged_sum(values, axes: tuple[int, ...]):
     return jnp.sum(values, axes, keepdims=True)
 
 
-def _viewer(shape: tuple[int, ...], pattern: tuple[int, ...], tag: int, explicit: bool = True):
+def _viewer(shape: tuple[int, ...], pattern: tuple[int, ...], tag: int, vary=None):
     """Puts arrays on a private view of ``shape``: ``tag`` leading unit axes, adjacent axes of one role merged.
 
     Why: XLA:CPU fuses an elementwise producer into a reduction only when the reduction is its only consumer,
@@ -174,9 +174,8 @@ def _viewer(shape: tuple[int, ...], pattern: tuple[int, ...], tag: int, explicit
     Axes are merged by their role in ``pattern`` (size 1: reduced by the expression's transpose; else kept).
     Full-size arrays are reshaped onto the view; small ones are squeezed to their non-unit merged axes and
     broadcast with ``broadcast_in_dim``, so transposed reductions also reduce the unit axes (XLA:CPU's
-    reductions are very slow when they keep a unit axis). With ``explicit=False`` (synchronized statistics) small
-    arrays keep unit axes and broadcast implicitly: an explicit full-size broadcast of a device-invariant value
-    would be marked device-varying at full size, and its transpose would all-reduce the whole array.
+    reductions are very slow when they keep a unit axis). Under synchronized statistics, ``vary`` (see
+    :func:`_varying_fn`) marks each squeezed small array device-varying before it is broadcast.
     """
     groups, previous = [], None
     for axis in range(len(shape)):
@@ -193,10 +192,10 @@ def _viewer(shape: tuple[int, ...], pattern: tuple[int, ...], tag: int, explicit
             return jnp.reshape(a, view_shape)
         if any(len({a.shape[i] == 1 for i in g}) > 1 for g in groups):
             a = jnp.broadcast_to(a, jnp.broadcast_shapes(a.shape, pattern))
-        if not explicit:
-            return jnp.reshape(a, (1,) * tag + tuple(math.prod(a.shape[i] for i in g) for g in groups))
         full = [k for k, g in enumerate(groups) if a.shape[g[0]] != 1]
         squeezed = jnp.reshape(a, tuple(view_shape[tag + k] for k in full))
+        if vary is not None:
+            squeezed = vary(squeezed)
         return jax.lax.broadcast_in_dim(squeezed, view_shape, tuple(tag + k for k in full))
 
     kept = tuple(tag + k for k, g in enumerate(groups) if pattern[g[0]] != 1)
@@ -223,7 +222,7 @@ def _sum_of_squared_deviations(config: _Config, xf, mean, mask):
         return jnp.sum(squares, config.reduction_axes, keepdims=True)
     trailing = _trailing_reduced(config.reduction_axes, xf.ndim)
     pattern = tuple(xf.shape[a] if a in trailing else n for a, n in enumerate(mean.shape))
-    view, view_shape, kept = _viewer(xf.shape, pattern, tag=1, explicit=config.axis_name is None)
+    view, view_shape, kept = _viewer(xf.shape, pattern, tag=1, vary=_varying_fn(config, xf))
     deviation = view(xf) - view(mean)
     squares = deviation * deviation
     if mask is not None:
@@ -234,7 +233,46 @@ def _sum_of_squared_deviations(config: _Config, xf, mean, mask):
 
 
 def _psum_fn(config: _Config):
-    return functools.partial(_psum, axis_name=config.axis_name, axis_index_groups=config.axis_index_groups)
+    """``psum`` over the config's axis, on arrays squeezed of their unit axes.
+
+    Why squeezed: XLA:CPU fuses a reduction with the reshape after it, and its library reductions are about ten
+    times slower when their result keeps unit axes (``(1, 1, 1, C)`` rather than ``(C,)``). Without the squeeze, the
+    all-reduce would pin the keepdims shape onto every reduction that feeds it.
+    """
+    if config.axis_name is None:
+        return _identity
+
+    def psum(tree):
+        leaves, treedef = jax.tree.flatten(tree)
+        squeezed = [jnp.reshape(a, tuple(d for d in a.shape if d != 1)) for a in leaves]
+        summed = _psum(squeezed, axis_name=config.axis_name, axis_index_groups=config.axis_index_groups)
+        return treedef.unflatten([jnp.reshape(a, leaf.shape) for a, leaf in zip(summed, leaves, strict=True)])
+
+    return psum
+
+
+def _varying_fn(config: _Config, like):
+    """Marks small arrays device-varying over the axes ``like`` varies over, at their squeezed size.
+
+    Why: under ``shard_map`` (and ``pmap``) a device-invariant value, such as a statistic after its ``psum``, that
+    meets a device-varying array is marked varying where they meet, and the transpose of that mark is an
+    all-reduce. Left to broadcasting, the mark lands on a keepdims ``(1, ..., C)`` or full-size array; the
+    backward's all-reduce then pins that shape onto the reductions that feed it (about ten times slower on
+    XLA:CPU, see :func:`_viewer`), or all-reduces the whole array. Marked here, before any broadcast, it is
+    ``(C,)``. Outside ``shard_map`` (vmap's named axes, no axis) nothing is marked.
+    """
+    if config.axis_name is None:
+        return _identity
+    varying = jax.typeof(like).mat.varying
+
+    def vary(a):
+        missing = tuple(name for name in varying if name not in jax.typeof(a).mat.varying)
+        if not missing:
+            return a
+        squeezed = jnp.reshape(a, tuple(d for d in a.shape if d != 1))
+        return jnp.reshape(jax.lax.pcast(squeezed, missing, to="varying"), a.shape)
+
+    return vary
 
 
 def _forward(config: _Config, x, scale, bias, mask):
@@ -266,6 +304,10 @@ def _forward(config: _Config, x, scale, bias, mask):
     return y.astype(config.out_dtype), mean, var, count, xf, inv_std
 
 
+def _identity(a):
+    return a
+
+
 def _centered(config: _Config, xf, mean):
     return xf - mean if config.centered else xf
 
@@ -281,6 +323,7 @@ def _fused_jvp(config: _Config, primals, tangents):
     dx, dscale, dbias, _ = tangents
     y, mean, var, count, xf, inv_std = _forward(config, x, scale, bias, mask)
     psum = _psum_fn(config)
+    vary = _varying_fn(config, xf)
     ndim = x.ndim
     n = jnp.maximum(count, 1)
     dxf = dx.astype(xf.dtype)
@@ -306,16 +349,16 @@ def _fused_jvp(config: _Config, primals, tangents):
             slope = slope + inv_std * as_feature(dscale)
         if bias is not None:
             offset = offset + as_feature(dbias)
-        view, _, _ = _viewer(x.shape, slope.shape, tag=2, explicit=config.axis_name is None)
-        dy = dxf * gain + jnp.reshape(_centered(config, view(xf), view(mean)) * view(slope), x.shape) + offset
+        view, _, _ = _viewer(x.shape, slope.shape, tag=2, vary=vary)
+        dy = dxf * gain + jnp.reshape(_centered(config, view(xf), view(mean)) * view(slope), x.shape) + vary(offset)
     else:
         # LayerNorm, RMSNorm: statistics and features together span x, so no coefficient is small. Each term
         # whose transpose is a reduction lives on its own view (see _viewer).
         scale_b = jnp.ones((1,) * ndim, xf.dtype) if scale is None else as_feature(scale)
-        per_row, _, _ = _viewer(x.shape, mean.shape, tag=2, explicit=config.axis_name is None)
-        per_feature, _, _ = _viewer(x.shape, scale_b.shape, tag=3, explicit=config.axis_name is None)
-        per_row_2, _, _ = _viewer(x.shape, mean.shape, tag=4, explicit=config.axis_name is None)
-        per_row_3, _, _ = _viewer(x.shape, mean.shape, tag=5, explicit=config.axis_name is None)
+        per_row, _, _ = _viewer(x.shape, mean.shape, tag=2, vary=vary)
+        per_feature, _, _ = _viewer(x.shape, scale_b.shape, tag=3, vary=vary)
+        per_row_2, _, _ = _viewer(x.shape, mean.shape, tag=4, vary=vary)
+        per_row_3, _, _ = _viewer(x.shape, mean.shape, tag=5, vary=vary)
         # Signs sit on the small factors: a full-size negation would be shared by two reductions. Each product
         # of a per-row and a per-feature factor is built on a view too: in the plain shape XLA:CPU writes their
         # full-size outer product out before the backward's library fusion reads it.
@@ -328,5 +371,5 @@ def _fused_jvp(config: _Config, primals, tangents):
             dev = _centered(config, per_feature(xf), per_feature(mean))
             dy = dy + jnp.reshape(dev * per_feature(inv_std) * per_feature(as_feature(dscale)), x.shape)
         if bias is not None:
-            dy = dy + as_feature(dbias)
+            dy = dy + vary(as_feature(dbias))
     return (y, mean, var, count), (dy.astype(y.dtype), dmean, dvar, jnp.zeros_like(count))
