@@ -36,7 +36,7 @@ _ENVIRONMENT = {
 
 
 def quiet_process() -> None:
-    """Re-executes this script once with the environment above, pinned to the machine's last core.
+    """Re-executes this script once with the environment above, pinned to the machine's last core (on Linux).
 
     Must run before JAX (or PyTorch) is imported: XLA reads its flags and glibc its malloc settings at start-up.
     Extra ``XLA_FLAGS`` already set by the caller are kept.
@@ -45,7 +45,8 @@ def quiet_process() -> None:
         return
     environment = dict(os.environ, **_ENVIRONMENT)
     environment["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_ENVIRONMENT['XLA_FLAGS']}".strip()
-    os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})  # inherited by the re-executed process
+    if hasattr(os, "sched_setaffinity"):  # Linux; elsewhere the process is not pinned
+        os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})  # inherited by the re-executed process
     os.execve(sys.executable, [sys.executable, *sys.argv], environment)
 
 

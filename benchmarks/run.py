@@ -390,7 +390,7 @@ def _machine() -> dict:
         "jax_devices": len(jax.devices()),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "pinned_cores": sorted(os.sched_getaffinity(0)),
+        "pinned_cores": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "not pinned",
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "python": platform.python_version(),
         "load_average": os.getloadavg(),
