@@ -5,8 +5,9 @@ of a small conv net (three conv + BatchNorm + ReLU blocks, a linear head, optax 
 BatchNorm statistics (``axis_name=None``) and with statistics synchronized over the devices (``axis_name="d"``).
 Repetitions are interleaved (every configuration once per round) and medians reported, so drifts in machine load
 hit every configuration alike. Collective bytes are read from the compiled HLO: the all-reduce operand bytes per
-device of the whole step and of a single ``batch_norm`` call. A last section shows why equal-weight averaging of
-device means is wrong, on the issue's probe of 4 devices holding 8, 1, 1 and 1 valid rows.
+device of the whole step and of a single ``batch_norm`` call. One synchronized BatchNorm forward+backward is also
+timed against ``flax.linen.BatchNorm(axis_name=...)``. A last section shows why equal-weight averaging of device
+means is wrong, on the issue's probe of 4 devices holding 8, 1, 1 and 1 valid rows.
 
 Usage::
 
@@ -159,6 +160,65 @@ def equal_weight_probe() -> dict:
     }
 
 
+def call_time_vs_flax(quick: bool) -> list[dict]:
+    """One synchronized BatchNorm forward+backward under ``shard_map``: normjax vs ``flax.linen.BatchNorm``.
+
+    Both with ``axis_name="d"`` (Flax in its default one-pass mode and two-pass); the same NHWC activations as the
+    conv net's second block. Interleaved rounds, medians; ratios to Flax's default.
+    """
+    import flax.linen as nn
+
+    features, rounds = 32, (4 if quick else 15)
+    state = normjax.init_batch_norm_state(features)
+
+    def ours(x, s, b):
+        return normjax.batch_norm(x, state, s, b, training=True, axis_name="d")[0]
+
+    def flax(x, s, b, fast):
+        layer = nn.BatchNorm(use_running_average=False, axis_name="d", use_fast_variance=fast)
+        variables = {"params": {"scale": s, "bias": b}, "batch_stats": {"mean": state.mean, "var": state.var}}
+        return layer.apply(variables, x, mutable=["batch_stats"])[0]
+
+    rows = []
+    for n in DEVICE_COUNTS:
+        mesh = Mesh(np.array(jax.devices()[:n]), ("d",))
+        x = jax.random.normal(jax.random.key(0), (n * 32, 8, 8, features))
+        g = jax.random.normal(jax.random.key(1), x.shape)
+        calls = {}
+        for name, norm in (
+            ("normjax", ours),
+            ("flax", lambda x, s, b: flax(x, s, b, True)),
+            ("flax two-pass", lambda x, s, b: flax(x, s, b, False)),
+        ):
+
+            def grads(x, s, b, g, norm=norm):
+                return jax.grad(lambda x, s, b: jnp.sum(norm(x, s, b) * g), argnums=(0, 1, 2))(x, s, b)
+
+            step = jax.shard_map(grads, mesh=mesh, in_specs=(P("d"), P(), P(), P("d")), out_specs=(P("d"), P(), P()))
+            compiled = jax.jit(step).lower(x, jnp.ones(features), jnp.zeros(features), g).compile()
+            args = (x, jnp.ones(features), jnp.zeros(features), g)
+            calls[name] = lambda compiled=compiled, args=args: jax.block_until_ready(compiled(*args))
+        times = {name: [] for name in calls}
+        for round_index in range(rounds):
+            names = list(calls)[round_index % len(calls) :] + list(calls)[: round_index % len(calls)]
+            for name in names:
+                calls[name]()
+                start = time.perf_counter()
+                for _ in range(3):
+                    calls[name]()
+                times[name].append((time.perf_counter() - start) / 3)
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        rows.append(
+            {
+                "devices": n,
+                "flax_ms": 1e3 * medians["flax"],
+                "normjax_over_flax": medians["normjax"] / medians["flax"],
+                "flax_two_pass_over_flax": medians["flax two-pass"] / medians["flax"],
+            }
+        )
+    return rows
+
+
 def bn_call_bytes(features: int = 32) -> list[dict]:
     """Collective cost of one synchronized batch_norm call on 8 devices (per device; the same for any count)."""
     mesh = Mesh(np.array(jax.devices()), ("d",))
@@ -241,6 +301,7 @@ def run(quick: bool) -> dict:
         },
         "rows": rows,
         "bn_call_all_reduce": bn_call_bytes(),
+        "call_time_vs_flax": call_time_vs_flax(quick),
         "equal_weight_probe": equal_weight_probe(),
     }
 
@@ -283,6 +344,19 @@ def to_markdown(result: dict) -> str:
         lines.append(
             f"| {r['features']} | {'yes' if r['masked'] else 'no'} | "
             f"{'forward + grad' if r['with_grad'] else 'forward'} | {r['ops']} | {r['bytes']} |"
+        )
+    lines += [
+        "",
+        "One synchronized BatchNorm forward+backward under `shard_map` (activations (32 per device, 8, 8, 32)), "
+        "time relative to `flax.linen.BatchNorm(axis_name='d')` with its defaults:",
+        "",
+        "| devices | Flax default ms | normjax / Flax | Flax two-pass / Flax |",
+        "|---:|---:|---:|---:|",
+    ]
+    for r in result["call_time_vs_flax"]:
+        lines.append(
+            f"| {r['devices']} | {r['flax_ms']:.2f} | {r['normjax_over_flax']:.2f} | "
+            f"{r['flax_two_pass_over_flax']:.2f} |"
         )
     p = result["equal_weight_probe"]
     lines += [
