@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from normjax._src import axes as axes_lib
-from normjax._src.moments import Moments, _psum, _static_size, moments
+from normjax._src.moments import Moments, _psum, _static_size, _without_unit_axes, moments
 from normjax._src.normalize import _broadcastable, normalize
 
 _state = threading.local()
@@ -233,22 +233,7 @@ def _sum_of_squared_deviations(config: _Config, xf, mean, mask):
 
 
 def _psum_fn(config: _Config):
-    """``psum`` over the config's axis, on arrays squeezed of their unit axes.
-
-    Why squeezed: XLA:CPU fuses a reduction with the reshape after it, and its library reductions are about ten
-    times slower when their result keeps unit axes (``(1, 1, 1, C)`` rather than ``(C,)``). Without the squeeze, the
-    all-reduce would pin the keepdims shape onto every reduction that feeds it.
-    """
-    if config.axis_name is None:
-        return _identity
-
-    def psum(tree):
-        leaves, treedef = jax.tree.flatten(tree)
-        squeezed = [jnp.reshape(a, tuple(d for d in a.shape if d != 1)) for a in leaves]
-        summed = _psum(squeezed, axis_name=config.axis_name, axis_index_groups=config.axis_index_groups)
-        return treedef.unflatten([jnp.reshape(a, leaf.shape) for a, leaf in zip(summed, leaves, strict=True)])
-
-    return psum
+    return functools.partial(_psum, axis_name=config.axis_name, axis_index_groups=config.axis_index_groups)
 
 
 def _varying_fn(config: _Config, like):
@@ -269,8 +254,7 @@ def _varying_fn(config: _Config, like):
         missing = tuple(name for name in varying if name not in jax.typeof(a).mat.varying)
         if not missing:
             return a
-        squeezed = jnp.reshape(a, tuple(d for d in a.shape if d != 1))
-        return jnp.reshape(jax.lax.pcast(squeezed, missing, to="varying"), a.shape)
+        return jnp.reshape(jax.lax.pcast(_without_unit_axes(a), missing, to="varying"), a.shape)
 
     return vary
 

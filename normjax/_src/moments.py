@@ -30,11 +30,23 @@ def _abs_square(z: jax.Array) -> jax.Array:
     return z * z
 
 
+def _without_unit_axes(a: jax.Array) -> jax.Array:
+    return jnp.reshape(a, tuple(d for d in jnp.shape(a) if d != 1))
+
+
 def _psum(tree, axis_name, axis_index_groups):
+    """``lax.psum`` of a tree of (keepdims) statistics, all-reduced without their unit axes.
+
+    Why squeezed: XLA:CPU fuses a reduction with the reshape after it, and its library reductions are several
+    times slower when their result keeps unit axes (``(1, 1, 1, C)`` rather than ``(C,)``); an all-reduce of the
+    keepdims shape would pin that shape onto every reduction feeding it.
+    """
     if axis_name is None:
         return tree
+    leaves, treedef = jax.tree.flatten(tree)
     try:
-        return jax.lax.psum(tree, axis_name, axis_index_groups=axis_index_groups)
+        summed = jax.lax.psum([_without_unit_axes(a) for a in leaves], axis_name, axis_index_groups=axis_index_groups)
+        return treedef.unflatten([jnp.reshape(s, jnp.shape(a)) for s, a in zip(summed, leaves, strict=True)])
     except NotImplementedError:
         if axis_index_groups is None:
             raise
