@@ -6,9 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from normjax._src import axes as axes_lib
-from normjax._src.fused import standardize_with_moments
-from normjax._src.moments import moments
-from normjax._src.normalize import _broadcastable, normalize
+from normjax._src.normalize import normalize
+from normjax._src.standardize import Renorm, as_feature, standardize
 from normjax._src.state import BatchNormState, ema_update
 
 
@@ -114,8 +113,8 @@ def batch_norm(
     axes_lib.check_renorm_clipping(renorm_clipping)
 
     if not training:
-        mean = _broadcastable(state.mean, ndim, feature_axes)
-        var = _broadcastable(state.var, ndim, feature_axes)
+        mean = as_feature(state.mean, ndim, feature_axes)
+        var = as_feature(state.var, ndim, feature_axes)
         y = normalize(x, mean, var, scale, bias, epsilon=epsilon, feature_axes=feature_axes)
         return y, state
 
@@ -129,15 +128,9 @@ def batch_norm(
 
     reduction_axes = axes_lib.complement(feature_axes, ndim)
     _check_enough_values(x.shape, reduction_axes, mask, axis_name, allow_single_value)
-    if renorm_clipping is not None:
-        # r and d (constants in the gradient) need the batch statistics before the fused normalization.
-        batch_stats = moments(
-            x, reduction_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups, keepdims=True
-        )
-        scale, bias = _renormalized_affine(batch_stats, state, scale, bias, feature_axes, renorm_clipping, epsilon)
-    y, stats = standardize_with_moments(
+    y, stats = standardize(
         x, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes, epsilon=epsilon, mask=mask,
-        axis_name=axis_name, axis_index_groups=axis_index_groups,
+        axis_name=axis_name, axis_index_groups=axis_index_groups, renorm=_renorm(state, renorm_clipping),
     )  # fmt: skip
     squeeze = lambda a: jnp.reshape(a, feature_shape)  # noqa: E731
     new_state = _update_state(
@@ -166,21 +159,12 @@ def _check_enough_values(shape, reduction_axes, mask, axis_name, allow_single_va
         )
 
 
-def _renormalized_affine(stats, state, scale, bias, feature_axes, renorm_clipping, epsilon):
-    """Folds Batch Renormalization's r and d into the affine parameters: (x̂·r + d)·γ + β."""
+def _renorm(state: BatchNormState, renorm_clipping) -> Renorm | None:
+    """Batch Renormalization's inputs for the core; the clipping bounds may be traced (a schedule)."""
     if renorm_clipping is None:
-        return scale, bias
+        return None
     r_max, d_max = renorm_clipping
-    feature_shape = jnp.shape(state.mean)
-    batch_std = jnp.sqrt(jnp.reshape(stats.var, feature_shape) + epsilon)
-    running_std = jnp.sqrt(state.var + epsilon)
-    r = jax.lax.stop_gradient(jnp.clip(batch_std / running_std, 1.0 / r_max, r_max))
-    d = jax.lax.stop_gradient(
-        jnp.clip((jnp.reshape(stats.mean, feature_shape) - state.mean) / running_std, -d_max, d_max)
-    )
-    gamma = jnp.ones(feature_shape, r.dtype) if scale is None else scale
-    beta = jnp.zeros(feature_shape, r.dtype) if bias is None else bias
-    return gamma * r, beta + gamma * d
+    return Renorm(state.mean, state.var, jnp.asarray(r_max, state.var.dtype), jnp.asarray(d_max, state.var.dtype))
 
 
 def _unbiased(var, count):
@@ -228,8 +212,9 @@ def _ghost_batch_norm(
     grouped_features = tuple(a + 1 for a in feature_axes)
     reduction_axes = axes_lib.complement((0,) + grouped_features, xg.ndim)
     _check_enough_values(xg.shape, reduction_axes, mask_g, None, allow_single_value)
-    stats = moments(xg, reduction_axes, mask=mask_g, keepdims=True)
-    y = normalize(xg, stats.mean, stats.var, scale, bias, epsilon=epsilon, feature_axes=grouped_features)
+    y, stats = standardize(
+        xg, scale, bias, reduction_axes=reduction_axes, feature_axes=grouped_features, epsilon=epsilon, mask=mask_g
+    )
 
     # The running statistics see the count-weighted average of the virtual batches' statistics.
     weights = stats.count / jnp.maximum(jnp.sum(stats.count, axis=0, keepdims=True), 1)

@@ -11,7 +11,7 @@ same for both, is here as pure functions of arrays and static configuration:
 - what to write back: the new running statistics, or nothing (evaluation, initialization).
 
 Nothing here computes a statistic or normalizes: that is :func:`normjax.batch_norm` and
-:func:`normjax._src.fused.standardize_with_moments` (which the functional norms call too).
+:func:`normjax._src.standardize.standardize` (which the functional norms call too).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from normjax._src import axes as axes_lib
 from normjax._src.batch_norm import batch_norm
-from normjax._src.fused import standardize_with_moments
+from normjax._src.standardize import standardize
 from normjax._src.state import BatchNormState
 
 #: The dtype the layers create running statistics in, whatever ``param_dtype`` or ``force_float32_reductions``.
@@ -154,7 +154,7 @@ def apply_standardize(
     """
     sync = not initializing
     out = output_dtype(x, scale, bias, dtype=dtype)
-    return standardize_with_moments(
+    return standardize(
         widen(x, out),
         scale,
         bias,
@@ -224,7 +224,7 @@ def apply_group_norm(
     ``reduction_axes``; a per-channel affine.
 
     Flax defines GroupNorm as standardizing ``x.reshape(..., groups, group_size)`` over ``reduction_axes`` and
-    the group's channels, which is exactly :func:`standardize_with_moments` on that view.
+    the group's channels, which is exactly :func:`standardize` on that view.
     """
     out = output_dtype(x, scale, bias, dtype=dtype)
     x = widen(x, out)
@@ -243,7 +243,7 @@ def apply_group_norm(
     regroup = lambda a: None if a is None else jnp.reshape(a, grouped_shape)  # noqa: E731
     per_group = lambda p: None if p is None else jnp.reshape(p, grouped_shape[-2:])  # noqa: E731
     sync = not initializing
-    y = standardize_with_moments(
+    y = standardize(
         regroup(x),
         per_group(scale),
         per_group(bias),

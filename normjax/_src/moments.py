@@ -1,7 +1,28 @@
-"""Moments over any axes: the one place statistics are computed and the one place a collective happens."""
+r"""Moments over any axes: the one place statistics are computed and the one place they cross devices.
+
+Statistics are kept relative to a *shift* :math:`k`, a value near the data (one sample of it, or a first-pass
+mean), as :class:`ShiftedMoments` ``(count, shift, offset, m2)``:
+
+.. math::
+
+    n = \sum_i m_i, \qquad \delta = \frac{1}{n}\sum_i m_i (x_i - k), \qquad
+    M_2 = \sum_i m_i (x_i - k)^2 - n\,\delta^2 = \sum_i m_i (x_i - k - \delta)^2,
+
+so the mean is :math:`k + \delta` and the variance :math:`M_2 / n`. Both sums read ``x`` in one pass, and
+because :math:`k` lies among the data the large common offset cancels *exactly*, in :math:`x_i - k`, before
+anything is squared: the relative error of :math:`M_2` is about :math:`\varepsilon\,(1 + (k - \mu)^2/\sigma^2)`
+instead of the :math:`\varepsilon\,\mu^2/\sigma^2` of :math:`E[x^2] - E[x]^2`. Keeping :math:`\delta` apart
+from :math:`k` also keeps the standardized values :math:`(x_i - k) - \delta` exact to rounding of their own size,
+so their sum, which the derivative relies on, cancels (see :mod:`normjax._src.standardize`).
+
+Across devices each one's statistics are merged exactly, with Chan's pairwise formula, from one collective
+(an all-gather of ``4 F`` numbers per device): counts weight the means, so uneven per-device counts, masks and
+devices with nothing valid are exact.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import jax
@@ -24,17 +45,113 @@ class Moments(NamedTuple):
     count: jax.Array
 
 
-def _abs_square(z: jax.Array) -> jax.Array:
+class ShiftedMoments(NamedTuple):
+    """Statistics relative to a shift: mean ``shift + offset``, variance ``m2 / count`` (see the module doc)."""
+
+    count: jax.Array
+    shift: jax.Array
+    offset: jax.Array
+    m2: jax.Array
+
+    def moments(self) -> Moments:
+        mean = self.shift + self.offset
+        return Moments(mean, self.m2 / jnp.maximum(self.count, 1), jnp.broadcast_to(self.count, self.m2.shape))
+
+
+def abs_square(z: jax.Array) -> jax.Array:
     if jnp.iscomplexobj(z):
         return jnp.real(z) ** 2 + jnp.imag(z) ** 2
     return z * z
 
 
-def _without_unit_axes(a: jax.Array) -> jax.Array:
+def without_unit_axes(a: jax.Array) -> jax.Array:
     return jnp.reshape(a, tuple(d for d in jnp.shape(a) if d != 1))
 
 
-def _psum(tree, axis_name, axis_index_groups):
+def static_size(shape: tuple[int, ...], reduce_axes: tuple[int, ...]) -> int:
+    size = 1
+    for a in reduce_axes:
+        size *= shape[a]
+    return size
+
+
+def _is_sharded(x: jax.Array, axes: tuple[int, ...]) -> bool:
+    """Whether ``x``'s type shards any of ``axes`` over a mesh (explicit sharding); slicing those is refused."""
+    spec = getattr(jax.typeof(x).sharding, "spec", None)
+    return spec is not None and any(a < len(spec) and spec[a] is not None for a in axes)
+
+
+def sample_shift(x: jax.Array, axes: tuple[int, ...]) -> jax.Array | None:
+    """One element of ``x`` per statistic (the first along ``axes``), keepdims; None where it cannot be sliced.
+
+    Its only job is to lie among the data, so the common offset cancels in ``x - shift``. Under explicit
+    sharding a slice along a sharded axis is not expressible without a collective: the caller then shifts by a
+    first-pass mean instead.
+    """
+    if _is_sharded(x, axes):
+        return None
+    if any(x.shape[a] == 0 for a in axes):  # nothing to cancel
+        return jnp.zeros(tuple(1 if a in axes else n for a, n in enumerate(x.shape)), x.dtype)
+    limits = tuple(1 if a in axes else n for a, n in enumerate(x.shape))
+    return jax.lax.stop_gradient(jax.lax.slice(x, (0,) * x.ndim, limits))
+
+
+def shifted_moments(
+    x: jax.Array,
+    axes: tuple[int, ...],
+    *,
+    mask: jax.Array | None,
+    centered: bool,
+    total,
+) -> ShiftedMoments:
+    """One device's statistics of ``x`` (in its statistics dtype) over ``axes``, keepdims.
+
+    ``total(fn, operands)`` sums ``fn(*operands)`` over ``axes`` (keepdims): a layout's reduction (see
+    :mod:`normjax._src.layout`). Masked-out elements are selected away before any arithmetic, so NaN or inf
+    padding never reaches a statistic.
+    """
+    real = jnp.finfo(x.dtype).dtype
+    small = tuple(1 if a in axes else n for a, n in enumerate(x.shape))
+    if mask is None:
+        count = jnp.full((1,) * x.ndim, static_size(x.shape, axes), real)
+    else:
+        count = total(lambda m: m.astype(real), (mask,))
+
+    def valid(values, m=None):
+        return values if m is None else jnp.where(m, values, jnp.zeros((), values.dtype))
+
+    operands = (x,) if mask is None else (x, mask)
+    if not centered:
+        m2 = total(lambda x, m=None: valid(abs_square(x), m), operands)
+        zero = jnp.zeros(small, x.dtype)
+        return ShiftedMoments(count, zero, zero, m2)
+    shift = None if mask is not None else sample_shift(x, axes)
+    if shift is None:  # a masked sample could be padding (NaN): shift by the mean of the valid elements
+        shift = jax.lax.stop_gradient(total(lambda x, m=None: valid(x, m), operands) / jnp.maximum(count, 1))
+    s1 = total(lambda x, k, m=None: valid(x - k, m), (x, shift) + operands[1:])
+    s2 = total(lambda x, k, m=None: valid(abs_square(x - k), m), (x, shift) + operands[1:])
+    offset = s1 / jnp.maximum(count, 1)
+    m2 = jnp.maximum(s2 - jnp.real(s1 * jnp.conj(offset)), 0)
+    return ShiftedMoments(count, shift, offset, m2)
+
+
+@contextlib.contextmanager
+def _grouped_collectives_explained(axis_name, axis_index_groups):
+    """Turns JAX's bare error for grouped collectives outside pmap into one that says what to do instead."""
+    try:
+        yield
+    except NotImplementedError:
+        if axis_index_groups is None:
+            raise
+        raise NotImplementedError(
+            f"`axis_index_groups` is only supported by JAX under `jax.pmap`, not under the transformation that "
+            f"binds `axis_name`={axis_name!r} (shard_map or vmap). For the same sub-group statistics split the "
+            "axis in two: under shard_map build the mesh with shape (groups, per_group) and pass "
+            "`axis_name='per_group'`; under vmap nest two vmaps and pass the inner axis name."
+        ) from None
+
+
+def psum(tree, axis_name, axis_index_groups):
     """``lax.psum`` of a tree of (keepdims) statistics, all-reduced without their unit axes.
 
     Why squeezed: XLA:CPU fuses a reduction with the reshape after it, and its library reductions are several
@@ -44,19 +161,76 @@ def _psum(tree, axis_name, axis_index_groups):
     if axis_name is None:
         return tree
     leaves, treedef = jax.tree.flatten(tree)
-    try:
-        summed = jax.lax.psum([_without_unit_axes(a) for a in leaves], axis_name, axis_index_groups=axis_index_groups)
-        return treedef.unflatten([jnp.reshape(s, jnp.shape(a)) for s, a in zip(summed, leaves, strict=True)])
-    except NotImplementedError:
-        if axis_index_groups is None:
-            raise
-        # JAX implements grouped collectives only under pmap; say what to do instead of a bare error.
-        raise NotImplementedError(
-            f"`axis_index_groups` is only supported by JAX under `jax.pmap`, not under the transformation that "
-            f"binds `axis_name`={axis_name!r} (shard_map or vmap). For the same sub-group statistics split the "
-            "axis in two: under shard_map build the mesh with shape (groups, per_group) and pass "
-            "`axis_name='per_group'`; under vmap nest two vmaps and pass the inner axis name."
-        ) from None
+    with _grouped_collectives_explained(axis_name, axis_index_groups):
+        summed = jax.lax.psum([without_unit_axes(a) for a in leaves], axis_name, axis_index_groups=axis_index_groups)
+    return treedef.unflatten([jnp.reshape(s, jnp.shape(a)) for s, a in zip(summed, leaves, strict=True)])
+
+
+def _names(axis_name) -> tuple:
+    return tuple(axis_name) if isinstance(axis_name, tuple | list) else (axis_name,)
+
+
+def _gather(a: jax.Array, axis_name, axis_index_groups) -> jax.Array:
+    """``all_gather`` of ``a`` over every name of ``axis_name``, devices along one leading axis.
+
+    Device-invariant under ``shard_map`` (where types track it), so merged statistics can leave a ``shard_map``
+    replicated. Several names are gathered one after the other: one ``all_gather`` over names bound by
+    different transformations (``pmap`` of ``vmap``) is refused by JAX.
+    """
+    names = _names(axis_name)
+    for name in reversed(names):
+        to = "invarying" if name in jax.typeof(a).mat.varying else "varying"
+        groups = axis_index_groups if len(names) == 1 else None
+        a = jax.lax.all_gather(a, name, axis_index_groups=groups, to=to)
+    return jnp.reshape(a, (-1,) + a.shape[len(names) :])
+
+
+def merge_across_devices(
+    local: ShiftedMoments, axis_name, axis_index_groups, *, centered: bool = True
+) -> tuple[ShiftedMoments, ShiftedMoments]:
+    r"""The statistics of every device's valid elements together, from one collective round.
+
+    Each device gathers every device's ``(count, shift, offset, m2)`` and merges them with Chan's formula about
+    a common reference, device 0's shift :math:`k_0`:
+
+    .. math::
+
+        \delta_j = (k_j - k_0) + \delta_j^{local}, \quad n = \sum_j n_j, \quad
+        \delta = \frac{1}{n}\sum_j n_j \delta_j, \quad M_2 = \sum_j M_{2,j} + \sum_j n_j (\delta_j - \delta)^2.
+
+    Returns ``(own, common)``: the merged statistics relative to this device's own shift (offset
+    :math:`(k_0 - k_i) + \delta`), with which local data is standardized exactly to rounding of its own size,
+    and relative to :math:`k_0`, computed in the same order everywhere so the mean and variance it gives are
+    bit-identical on every device. Uncentered statistics (zero shift) need only a ``psum``.
+    """
+    if axis_name is None:
+        return local, local
+    small_shape = local.m2.shape
+    dtype = local.shift.dtype
+    if not centered:
+        count, m2 = psum((local.count, local.m2), axis_name, axis_index_groups)
+        merged = local._replace(count=count, m2=m2)
+        return merged, merged
+    stacked = jnp.stack([without_unit_axes(jnp.broadcast_to(a, small_shape)).astype(dtype) for a in local])
+    with _grouped_collectives_explained(axis_name, axis_index_groups):
+        gathered = _gather(stacked, axis_name, axis_index_groups)
+    real = local.m2.dtype
+    counts, shifts, offsets, m2s = (gathered[:, i] for i in range(4))
+    counts, m2s = jnp.real(counts).astype(real), jnp.real(m2s).astype(real)
+    reference = shifts[:1]
+    deltas = (shifts - reference) + offsets
+    count = jnp.sum(counts, 0, keepdims=True)
+    offset = jnp.sum(counts * deltas, 0, keepdims=True) / jnp.maximum(count, 1)
+    m2 = jnp.sum(m2s, 0, keepdims=True) + jnp.sum(counts * abs_square(deltas - offset), 0, keepdims=True)
+    reshape = lambda a: jnp.reshape(a, small_shape)  # noqa: E731
+    common = ShiftedMoments(reshape(count), reshape(reference), reshape(offset), reshape(m2))
+    own = common._replace(shift=local.shift, offset=(common.shift - local.shift) + common.offset)
+    return own, common
+
+
+def plain_total(axes: tuple[int, ...]):
+    """The layout-free reduction: ``sum(fn(*operands), axes, keepdims=True)``."""
+    return lambda fn, operands: jnp.sum(fn(*operands), axes, keepdims=True)
 
 
 def moments(
@@ -77,17 +251,15 @@ def moments(
         \sigma^2 = \frac{1}{n}\sum_i m_i \lvert x_i - \mu \rvert^2
 
     where :math:`m_i \in \{0, 1\}` is the mask and the sums also run over every device of ``axis_name``.
-    The variance is computed in two passes around the *global* mean, so it does not suffer the catastrophic
-    cancellation of :math:`E[x^2] - E[x]^2` for inputs whose mean is large relative to their spread.
+    The sums are taken about a shift that lies among the data (one sample of it; the mean of the valid elements
+    when there is a mask), so they do not suffer the catastrophic cancellation of :math:`E[x^2] - E[x]^2` for
+    inputs whose mean is large relative to their spread, and need one pass over ``x`` without a mask.
     Reductions run in float32 or wider whatever the input dtype (bfloat16 and float16 give float32 moments).
 
     With ``axis_name`` the statistics are those of the concatenation of every device's valid elements, exact
-    for uneven per-device counts (a device with no valid element contributes nothing). This takes two
-    all-reduce rounds: ``(sum, count)`` and then the sum of squared deviations from the global mean, i.e.
-    ``3 * F`` numbers in the statistics dtype per device per call for ``F`` statistics (``2 * F + 1`` without a
-    mask; one round of ``F + 1``, or ``2 * F`` with a mask, when ``centered=False``). Differentiating adds
-    all-reduces of ``2 * F`` numbers (``F`` when ``centered=False``) in the backward pass. See the
-    synchronization guide (``docs/guides/sync.md``).
+    for uneven per-device counts (a device with no valid element contributes nothing), merged with Chan's formula
+    from one all-gather of ``4 * F`` numbers per device for ``F`` statistics (a ``psum`` of ``2 * F`` when
+    ``centered=False``). See the synchronization guide (``docs/guides/sync.md``).
 
     Args:
       x: a floating-point or complex array.
@@ -115,39 +287,11 @@ def moments(
     reduce_axes = axes_lib.canonicalize_axes(axes, jnp.ndim(x), "axes")
     axes_lib.check_mask(mask, jnp.shape(x))
     axes_lib.check_axis_name(axis_name, axis_index_groups)
-
-    dtype = axes_lib.stats_dtype(x.dtype)
-    real_dtype = jnp.finfo(dtype).dtype
-    x = x.astype(dtype)
-    if mask is None:
-        count = jnp.asarray(_static_size(x.shape, reduce_axes), real_dtype)
-    else:
+    x = x.astype(axes_lib.stats_dtype(x.dtype))
+    if mask is not None:
         mask = jnp.broadcast_to(mask, x.shape)
-        x = jnp.where(mask, x, jnp.zeros((), dtype))
-        count = jnp.sum(mask, reduce_axes, keepdims=True, dtype=real_dtype)
-
-    def total(values):
-        return jnp.sum(values, reduce_axes, keepdims=True)
-
-    if centered:
-        sums, count = _psum((total(x), count), axis_name, axis_index_groups)
-        mean = sums / jnp.maximum(count, 1)
-        deviations = _abs_square(x - mean)
-        if mask is not None:
-            deviations = jnp.where(mask, deviations, jnp.zeros((), real_dtype))
-        m2 = _psum(total(deviations), axis_name, axis_index_groups)
-    else:
-        m2, count = _psum((total(_abs_square(x)), count), axis_name, axis_index_groups)
-        mean = jnp.zeros(m2.shape, dtype)
-    var = m2 / jnp.maximum(count, 1)
-    count = jnp.broadcast_to(count, var.shape)
+    local = shifted_moments(x, reduce_axes, mask=mask, centered=centered, total=plain_total(reduce_axes))
+    result = merge_across_devices(local, axis_name, axis_index_groups, centered=centered)[1].moments()
     if not keepdims:
-        mean, var, count = (jnp.squeeze(a, reduce_axes) for a in (mean, var, count))
-    return Moments(mean, var, count)
-
-
-def _static_size(shape: tuple[int, ...], reduce_axes: tuple[int, ...]) -> int:
-    size = 1
-    for a in reduce_axes:
-        size *= shape[a]
-    return size
+        result = Moments(*(jnp.squeeze(a, reduce_axes) for a in result))
+    return result

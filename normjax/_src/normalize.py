@@ -6,14 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from normjax._src import axes as axes_lib
-
-
-def _broadcastable(param: jax.Array, ndim: int, feature_axes: tuple[int, ...]) -> jax.Array:
-    """Reshapes a parameter of the feature axes' shape so it broadcasts against a rank-`ndim` array."""
-    shape = [1] * ndim
-    for a, size in zip(feature_axes, jnp.shape(param), strict=True):
-        shape[a] = size
-    return jnp.reshape(param, shape)
+from normjax._src.standardize import as_feature, standardized_output
 
 
 def normalize(
@@ -66,10 +59,7 @@ def normalize(
     out_dtype = axes_lib.output_dtype(x, dtype)
 
     compute_dtype = axes_lib.stats_dtype(jnp.result_type(x, mean))
-    multiplier = jax.lax.rsqrt(jnp.asarray(var, jnp.finfo(compute_dtype).dtype) + epsilon)
-    if scale is not None:
-        multiplier = multiplier * _broadcastable(scale, ndim, feature_axes)
-    y = (x.astype(compute_dtype) - mean) * multiplier
-    if bias is not None:
-        y = y + _broadcastable(bias, ndim, feature_axes)
-    return y.astype(out_dtype)
+    inv_std = jax.lax.rsqrt(jnp.asarray(var, jnp.finfo(compute_dtype).dtype) + epsilon)
+    gamma = None if scale is None else as_feature(scale, ndim, feature_axes)
+    beta = None if bias is None else as_feature(bias, ndim, feature_axes)
+    return standardized_output(x.astype(compute_dtype), mean, 0, inv_std, gamma, beta).astype(out_dtype)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from normjax._src import axes as axes_lib
-from normjax._src.fused import standardize_with_moments
+from normjax._src.standardize import standardize
 
 
 def layer_norm(
@@ -53,7 +53,7 @@ def layer_norm(
     """
     axes_lib.check_inexact(x)
     axis = axes_lib.canonicalize_axes(axis, jnp.ndim(x), "axis")  # so errors name `axis`, not the core's `axes`
-    return standardize_with_moments(
+    return standardize(
         x,
         scale,
         bias,
@@ -107,7 +107,7 @@ def rms_norm(
     """
     axes_lib.check_inexact(x)
     axis = axes_lib.canonicalize_axes(axis, jnp.ndim(x), "axis")  # so errors name `axis`, not the core's `axes`
-    return standardize_with_moments(
+    return standardize(
         x,
         scale,
         None,
@@ -179,7 +179,7 @@ def group_norm(
     axes_lib.check_param(scale, (channels,), "scale", f"one value per channel along axis {channel_axis}")
     axes_lib.check_param(bias, (channels,), "bias", f"one value per channel along axis {channel_axis}")
     per_group = lambda p: None if p is None else jnp.reshape(p, (groups, channels // groups))  # noqa: E731
-    y = standardize_with_moments(
+    y = standardize(
         regroup(x),
         per_group(scale),
         per_group(bias),
@@ -239,7 +239,7 @@ def instance_norm(
     axes_lib.check_inexact(x)
     ndim = jnp.ndim(x)
     channel_axis = axes_lib.canonicalize_channel_axis(axis, ndim, "instance_norm")
-    return standardize_with_moments(
+    return standardize(
         x,
         scale,
         bias,

@@ -1,0 +1,136 @@
+"""How the core's reductions and elementwise sums are laid out for a backend: the one backend-specific module.
+
+The core (:mod:`normjax._src.standardize`) writes every full-size computation as one of two forms, and a layout
+decides how XLA sees it:
+
+- ``total(fn, operands)``: ``sum(fn(*operands))`` over the reduction axes, keepdims;
+- ``combine(terms)``: ``sum(fn(*operands) for fn, operands in terms)``, an array of the input's shape.
+
+Operands are full-size arrays (the input's shape) or small ones that broadcast against it (statistics,
+parameters). :class:`Generic` states them plainly; it is what GPU and TPU run, and what runs under explicit
+sharding, where shardings are part of the types and only reductions and broadcasts keep them. XLA's GPU and TPU
+compilers fuse sibling reductions over the same input into one kernel that reads it once (checked in their
+deviceless compiles, ``benchmarks/accelerators.py``).
+
+:class:`XlaCpu` is chosen for the CPU platform (``jax.lax.platform_dependent``, resolved when the program is
+lowered, so a program compiled for a GPU never contains it). Measured with ``benchmarks/run.py``: XLA:CPU runs
+reductions as library fusions that absorb an elementwise producer only when they are its sole consumer, and its
+common-subexpression pass merges identical broadcasts; so an ``x - shift`` shared by two reductions, or a tangent
+term shared by the backward's reductions, is written out as a full-size temporary and read back. Here each
+reduction and each term is built on a private reshaped view (:func:`_viewer`), so none is shared and no
+temporary is written.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+class Generic:
+    """Plain ``jnp``: every expression in the input's own shape."""
+
+    name = "generic"
+
+    def __init__(self, shape: tuple[int, ...], reduction_axes: tuple[int, ...], vary):
+        self.shape = tuple(shape)
+        self.reduction_axes = reduction_axes
+        self.vary = vary
+
+    def _small(self, a):
+        return a if jnp.shape(a) == self.shape else self.vary(a)
+
+    def total(self, fn, operands) -> jax.Array:
+        values = fn(*(self._small(a) for a in operands))
+        return jnp.sum(values, self.reduction_axes, keepdims=True)
+
+    def combine(self, terms) -> jax.Array:
+        return sum(fn(*(self._small(a) for a in operands)) for fn, operands in terms)
+
+
+class XlaCpu(Generic):
+    """Each reduction and each full-size term on its own view, so XLA:CPU fuses it and shares nothing."""
+
+    name = "xla_cpu"
+
+    def __init__(self, shape, reduction_axes, vary):
+        super().__init__(shape, reduction_axes, vary)
+        self._tags = itertools.count(1)
+
+    def total(self, fn, operands) -> jax.Array:
+        axes, ndim = self.reduction_axes, len(self.shape)
+        if axes == tuple(range(ndim - len(axes), ndim)):
+            # Innermost reductions (LayerNorm, RMSNorm) already run as one library fusion per row.
+            return super().total(fn, operands)
+        trailing = _trailing_reduced(axes, ndim)
+        pattern = tuple(1 if a in axes and a not in trailing else n for a, n in enumerate(self.shape))
+        view, view_shape, kept = _viewer(self.shape, pattern, next(self._tags), self.vary)
+        values = fn(*(view(a) for a in operands))
+        view_axes = tuple(a for a in range(len(view_shape)) if a not in kept)
+        partial = jnp.reshape(jnp.sum(values, view_axes), pattern)
+        return jnp.sum(partial, trailing, keepdims=True) if trailing else partial
+
+    def combine(self, terms) -> jax.Array:
+        pattern = tuple(1 if a in self.reduction_axes else n for a, n in enumerate(self.shape))
+        result = []
+        for fn, operands in terms:
+            if jnp.broadcast_shapes(*(jnp.shape(a) for a in operands)) != self.shape:
+                result.append(fn(*(self._small(a) for a in operands)))
+                continue
+            view, _, _ = _viewer(self.shape, pattern, next(self._tags), self.vary)
+            result.append(jnp.reshape(fn(*(view(a) for a in operands)), self.shape))
+        return sum(result)
+
+
+LAYOUTS = {layout.name: layout for layout in (Generic, XlaCpu)}
+
+
+def _trailing_reduced(axes: tuple[int, ...], ndim: int) -> tuple[int, ...]:
+    """The reduced axes after the last kept one, when some reduced axis precedes it (GroupNorm, channels last).
+
+    Why: XLA:CPU reduces a short innermost axis that follows a kept one (the ``C/G`` channels of each group)
+    about ten times slower than it copies the array. Such reductions are staged: first over the leading reduced
+    axes only (the contiguous per-channel reduction of BatchNorm and InstanceNorm), then over these trailing
+    axes on that small partial result.
+    """
+    last_kept = max((a for a in range(ndim) if a not in axes), default=-1)
+    trailing = tuple(a for a in axes if a > last_kept)
+    return trailing if any(a < last_kept for a in axes) else ()
+
+
+def _viewer(shape: tuple[int, ...], pattern: tuple[int, ...], tag: int, vary):
+    """Puts arrays on a private view of ``shape``: ``tag`` leading unit axes, adjacent axes of one role merged.
+
+    Expressions built on views of distinct shapes (a distinct ``tag`` per use) cannot be merged by CSE, so each
+    fuses into its own reduction or term and no temporary is written. Axes are merged by their role in
+    ``pattern`` (size 1: reduced; else kept). Full-size arrays are reshaped onto the view; small ones are
+    squeezed to their non-unit merged axes, marked device-varying by ``vary`` at that size, and broadcast with
+    ``broadcast_in_dim``, so transposed reductions also reduce the unit axes (XLA:CPU's reductions are very slow
+    when they keep a unit axis).
+    """
+    groups, previous = [], None
+    for axis in range(len(shape)):
+        reduced = pattern[axis] == 1
+        if reduced == previous:
+            groups[-1].append(axis)
+        else:
+            groups.append([axis])
+        previous = reduced
+    view_shape = (1,) * tag + tuple(math.prod(shape[i] for i in g) for g in groups)
+
+    def to_view(a):
+        if jnp.shape(a) == tuple(shape):
+            return jnp.reshape(a, view_shape)
+        a = jnp.reshape(a, (1,) * (len(shape) - jnp.ndim(a)) + jnp.shape(a))
+        mixed = [i for g in groups if len({a.shape[i] == 1 for i in g}) > 1 for i in g]
+        if mixed:  # a group partly broadcast: make it whole
+            a = jnp.broadcast_to(a, tuple(shape[i] if i in mixed else n for i, n in enumerate(a.shape)))
+        full = [k for k, g in enumerate(groups) if a.shape[g[0]] != 1]
+        squeezed = vary(jnp.reshape(a, tuple(view_shape[tag + k] for k in full)))
+        return jax.lax.broadcast_in_dim(squeezed, view_shape, tuple(tag + k for k in full))
+
+    kept = tuple(tag + k for k, g in enumerate(groups) if pattern[g[0]] != 1)
+    return to_view, view_shape, kept

@@ -1,0 +1,286 @@
+r"""The core every norm, mode and layer goes through: statistics, standardization and affine, with their derivative.
+
+:func:`standardize` computes the moments of ``x`` over the reduction axes (:mod:`normjax._src.moments`: one
+pass about a shift that lies among the data, merged exactly across devices in one collective) and
+
+.. math::
+
+    \hat x = (x - \mu)\,s, \qquad s = (\sigma^2 + \epsilon)^{-1/2}, \qquad y = \hat x\,\gamma + \beta,
+
+as one ``jax.custom_jvp`` whose tangent is the closed form of the BatchNorm paper:
+
+.. math::
+
+    \dot{\hat x} = s\,\bigl(\dot x - \overline{m \dot x}\bigr) - \tfrac12 s^3 (\dot\sigma^2 + \dot\epsilon)
+    (x - \mu), \qquad \dot\sigma^2 = 2\,\overline{m (x - \mu) \dot x}
+
+where :math:`\overline{\,\cdot\,}` is the (masked, cross-device) mean over the reduction axes and :math:`m` the
+mask. Reverse mode is JAX's transpose of this linear map, the textbook backward
+:math:`\bar x = s\,(g' - \overline{m g'} - \hat x\,\overline{m \hat x g'})` with :math:`g' = \gamma \bar y`: two
+reductions and one elementwise pass. Written as a JVP the rule also serves ``jax.jvp``, ``jacfwd``, higher
+orders, ``vmap`` and collectives. :math:`x - \mu` is always formed as ``(x - shift) - offset``, both parts
+exact to rounding of the data's spread, so the backward's components along the reduced axes cancel to that
+rounding even at a large mean (where ``x - fl(mu)`` would leave a residual of ``n * eps * |mu|``).
+
+Masked-out elements never enter arithmetic whose result is kept: they are selected away (never multiplied by
+zero), their :math:`\hat x` is 0, so their output is :math:`\beta`, and no derivative reads them.
+
+How XLA sees the full-size work is the layout's business (:mod:`normjax._src.layout`), chosen per platform when
+the program is lowered; complex inputs are differentiated by JAX through the same forward.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from normjax._src import axes as axes_lib
+from normjax._src import layout as layout_lib
+from normjax._src.moments import Moments, merge_across_devices, psum, shifted_moments, without_unit_axes
+
+
+class Renorm(NamedTuple):
+    """Batch Renormalization's inputs: the running statistics and the clipping bounds (arrays; may be traced)."""
+
+    running_mean: jax.Array
+    running_var: jax.Array
+    r_max: jax.Array
+    d_max: jax.Array
+
+
+class _Spec(NamedTuple):
+    """The static (hashable) part of a call."""
+
+    reduction_axes: tuple[int, ...]
+    feature_axes: tuple[int, ...]
+    centered: bool
+    axis_name: object
+    axis_index_groups: object
+    out_dtype: object
+    layout: str
+
+
+def as_feature(param: jax.Array, ndim: int, feature_axes: tuple[int, ...]) -> jax.Array:
+    """Reshapes a parameter of the feature axes' shape so it broadcasts against a rank-``ndim`` array."""
+    shape = [1] * ndim
+    for a, size in zip(feature_axes, jnp.shape(param), strict=True):
+        shape[a] = size
+    return jnp.reshape(param, shape)
+
+
+def standardize(
+    x: jax.Array,
+    scale: jax.Array | None,
+    bias: jax.Array | None,
+    *,
+    reduction_axes: axes_lib.Axes,
+    feature_axes: axes_lib.Axes,
+    epsilon,
+    mask: jax.Array | None = None,
+    centered: bool = True,
+    axis_name: axes_lib.AxisName = None,
+    axis_index_groups=None,
+    dtype=None,
+    renorm: Renorm | None = None,
+) -> tuple[jax.Array, Moments]:
+    """``(y, moments)``: ``x`` standardized over ``reduction_axes`` with the affine along ``feature_axes``.
+
+    Validates its arguments like the public functions (which call it); ``moments`` are keepdims. With
+    ``renorm``, Batch Renormalization's ``r`` and ``d`` (constants in the derivative) fold into the affine.
+    """
+    axes_lib.check_inexact(x)
+    axes_lib.check_epsilon(epsilon)
+    ndim = jnp.ndim(x)
+    reduction_axes = axes_lib.canonicalize_axes(reduction_axes, ndim, "reduction_axes")
+    feature_axes = axes_lib.canonicalize_axes(feature_axes, ndim, "feature_axes")
+    feature_shape = tuple(x.shape[a] for a in feature_axes)
+    axes_lib.check_param(scale, feature_shape, "scale", f"the size of x's feature axes {feature_axes}")
+    axes_lib.check_param(bias, feature_shape, "bias", f"the size of x's feature axes {feature_axes}")
+    axes_lib.check_mask(mask, jnp.shape(x))
+    axes_lib.check_axis_name(axis_name, axis_index_groups)
+    groups = None if axis_index_groups is None else tuple(tuple(int(i) for i in g) for g in axis_index_groups)
+    names = axis_name if axis_name is None or isinstance(axis_name, str) else tuple(axis_name)
+    spec = _Spec(
+        reduction_axes, feature_axes, bool(centered), names, groups, axes_lib.output_dtype(x, dtype), "generic"
+    )
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, x.shape)
+    epsilon = jnp.asarray(epsilon, jnp.finfo(axes_lib.stats_dtype(x.dtype)).dtype)
+    operands = (x, scale, bias, mask, epsilon, renorm)
+    if jnp.iscomplexobj(x) or any(p is not None and jnp.iscomplexobj(p) for p in (scale, bias)):
+        y, mean, var, count = _forward(spec, *operands)[:4]  # not holomorphic: JAX differentiates the forward
+    elif _explicitly_sharded(x):
+        y, mean, var, count = _standardize(spec, *operands)
+    else:
+        y, mean, var, count = jax.lax.platform_dependent(
+            *operands,
+            cpu=functools.partial(_standardize, spec._replace(layout="xla_cpu")),
+            default=functools.partial(_standardize, spec),
+        )
+    return y, Moments(mean, var, count)
+
+
+def _explicitly_sharded(x: jax.Array) -> bool:
+    """Whether ``x``'s type carries a sharding (explicit mesh axes): then only the generic layout applies."""
+    spec = getattr(jax.typeof(x).sharding, "spec", None)
+    return spec is not None and any(entry is not None for entry in spec)
+
+
+def _varying_fn(spec: _Spec, like):
+    """Marks small arrays device-varying over the axes ``like`` varies over, at their squeezed size.
+
+    Why: under ``shard_map`` (and ``pmap``) a device-invariant value, such as a statistic after its collective,
+    that meets a device-varying array is marked varying where they meet, and the transpose of that mark is an
+    all-reduce. Left to broadcasting, the mark may land on a keepdims ``(1, ..., C)`` or full-size array and the
+    backward all-reduces that. Marked here, before any broadcast, it is ``(C,)``. Outside ``shard_map`` (vmap's
+    named axes, no axis) nothing is marked.
+    """
+    if spec.axis_name is None:
+        return _identity
+    varying = jax.typeof(like).mat.varying
+
+    def vary(a):
+        missing = tuple(name for name in varying if name not in jax.typeof(a).mat.varying)
+        if not missing:
+            return a
+        return jnp.reshape(jax.lax.pcast(without_unit_axes(a), missing, to="varying"), jnp.shape(a))
+
+    return vary
+
+
+def _identity(a):
+    return a
+
+
+def _layout(spec: _Spec, xf) -> layout_lib.Generic:
+    return layout_lib.LAYOUTS[spec.layout](xf.shape, spec.reduction_axes, _varying_fn(spec, xf))
+
+
+def _renorm_factors(spec: _Spec, ndim, moments: Moments, epsilon, renorm):
+    """Batch Renormalization's ``(r, d)``, broadcastable: ``(x̂ r + d) γ + β``; ``(None, None)`` without it."""
+    if renorm is None:
+        return None, None
+    feature = functools.partial(as_feature, ndim=ndim, feature_axes=spec.feature_axes)
+    running_std = jnp.sqrt(feature(renorm.running_var) + epsilon)
+    r = jnp.clip(jnp.sqrt(moments.var + epsilon) / running_std, 1.0 / renorm.r_max, renorm.r_max)
+    d = jnp.clip((moments.mean - feature(renorm.running_mean)) / running_std, -renorm.d_max, renorm.d_max)
+    return r, d
+
+
+def _affine(gamma, beta, r, d):
+    """The effective ``(scale, bias)`` with Batch Renormalization's r and d folded in; None for "absent"."""
+    if r is None:
+        return gamma, beta
+    scaled_d = d if gamma is None else gamma * d
+    return (r if gamma is None else gamma * r), (scaled_d if beta is None else beta + scaled_d)
+
+
+def _select(mask, values):
+    return values if mask is None else jnp.where(mask, values, jnp.zeros((), values.dtype))
+
+
+def _deviation(x, shift, offset, mask=None):
+    """``x - mean`` as ``(x - shift) - offset``; 0 where masked out: what the statistics see."""
+    return _select(mask, (x - shift) - offset)
+
+
+def _output_deviation(x, shift, offset, mask=None):
+    """``x - mean`` for the output: also masked-out positions, as in Flax, unless they hold NaN or inf (then 0)."""
+    return _select(None if mask is None else mask | jnp.isfinite(x), (x - shift) - offset)
+
+
+def standardized_output(x, shift, offset, inv_std, gamma=None, beta=None, mask=None):
+    """The one definition of a norm's output: ``((x - shift) - offset) * inv_std * gamma + beta``.
+
+    Masked-out positions are standardized like the others (with the valid elements' statistics, as Flax does),
+    except that a non-finite one outputs ``beta``: padding may hold anything without reaching any result or
+    derivative.
+    """
+    multiplier = inv_std if gamma is None else inv_std * gamma
+    y = _output_deviation(x, shift, offset, mask) * multiplier
+    return y if beta is None else y + beta
+
+
+def _forward(spec: _Spec, x, scale, bias, mask, epsilon, renorm):
+    """The primal computation; also returns what the tangent rule reuses."""
+    xf = x.astype(axes_lib.stats_dtype(x.dtype))
+    layout = _layout(spec, xf)
+    local = shifted_moments(xf, spec.reduction_axes, mask=mask, centered=spec.centered, total=layout.total)
+    own, common = merge_across_devices(local, spec.axis_name, spec.axis_index_groups, centered=spec.centered)
+    moments = common.moments()
+    inv_std = jax.lax.rsqrt(moments.var + epsilon)
+    feature = functools.partial(as_feature, ndim=x.ndim, feature_axes=spec.feature_axes)
+    r, d = _renorm_factors(spec, x.ndim, moments, epsilon, renorm)
+    gamma, beta = _affine(None if scale is None else feature(scale), None if bias is None else feature(bias), r, d)
+    y = standardized_output(xf, own.shift, own.offset, inv_std, gamma, beta, mask)
+    return y.astype(spec.out_dtype), moments.mean, moments.var, moments.count, (xf, own, inv_std, gamma, r, d)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _standardize(spec: _Spec, x, scale, bias, mask, epsilon, renorm):
+    return _forward(spec, x, scale, bias, mask, epsilon, renorm)[:4]
+
+
+@_standardize.defjvp
+def _standardize_jvp(spec: _Spec, primals, tangents):
+    x, scale, bias, mask, epsilon, renorm = primals
+    dx, dscale, dbias, _, depsilon, _ = tangents
+    y, mean, var, count, (xf, own, inv_std, gamma, r, d) = _forward(spec, *primals)
+    layout = _layout(spec, xf)
+    ndim = x.ndim
+    n = jnp.maximum(count, 1)
+    dxf = dx.astype(xf.dtype)
+    m = () if mask is None else (mask,)
+    stats = (xf, own.shift, own.offset)
+    if spec.centered:
+        sums = (
+            layout.total(lambda dx, m=None: _select(m, dx), (dxf, *m)),
+            layout.total(lambda dx, x, k, o, m=None: _deviation(x, k, o, m) * dx, (dxf, *stats, *m)),
+        )
+        dx_sum, projection = psum(sums, spec.axis_name, spec.axis_index_groups)
+        dmean = dx_sum / n
+    else:
+        projection = psum(
+            layout.total(lambda dx, x, m=None: _select(m, x) * dx, (dxf, xf, *m)),
+            spec.axis_name,
+            spec.axis_index_groups,
+        )
+        dmean = jnp.zeros_like(mean)
+    dvar = 2.0 * projection / n
+    # d(inv_std) = -1/2 inv_std^3 (d var + d epsilon); epsilon's tangent is a symbolic zero unless it is traced.
+    dinv_std = -0.5 * inv_std * inv_std * inv_std * (dvar + depsilon)
+
+    feature = functools.partial(as_feature, ndim=ndim, feature_axes=spec.feature_axes)
+    dgamma = None if scale is None else feature(dscale)
+    dbeta = None if bias is None else feature(dbias)
+    if r is not None and dgamma is not None:  # (x̂ r + d) γ + β, with r and d constants in the derivative
+        dgamma, dbeta = dgamma * r, dgamma * d if dbeta is None else dbeta + dgamma * d
+    g = jnp.ones((), xf.dtype) if gamma is None else gamma
+    # dy = (dx - dmean) s γ + (x - mean) (ds γ + s dγ) + dβ; the full-size terms are built by the layout.
+    if mask is None:
+        terms = [(lambda dx, dm, s, g: (dx - dm) * s * g, (dxf, dmean, inv_std, g))]
+    else:  # constant (beta) where a masked-out position is not finite
+        terms = [
+            (
+                lambda dx, dm, s, g, x, m: _select(m | jnp.isfinite(x), dx - dm) * s * g,
+                (dxf, dmean, inv_std, g, xf, mask),
+            )
+        ]
+    if dgamma is None:
+        terms.append(
+            (lambda x, k, o, ds, g, m=None: _output_deviation(x, k, o, m) * (ds * g), (*stats, dinv_std, g, *m))
+        )
+    else:
+        terms.append(
+            (
+                lambda x, k, o, ds, g, s, dg, m=None: _output_deviation(x, k, o, m) * (ds * g + s * dg),
+                (*stats, dinv_std, g, inv_std, dgamma, *m),
+            )
+        )
+    if dbeta is not None:
+        terms.append((lambda db: db, (dbeta,)))
+    dy = layout.combine(terms)
+    return (y, mean, var, count), (dy.astype(y.dtype), dmean, dvar, jnp.zeros_like(count))
