@@ -103,8 +103,12 @@ def shifted_moments(
     mask: jax.Array | None,
     centered: bool,
     total,
+    sample_from: jax.Array | None = None,
 ) -> ShiftedMoments:
     """One device's statistics of ``x`` (in its statistics dtype) over ``axes``, keepdims.
+
+    ``sample_from``: ``x`` before its cast to the statistics dtype, if any; the shift is sliced from it, so XLA
+    does not write out the cast input for the slice (seen in the GPU and TPU compiles of bfloat16 inputs).
 
     ``total(fn, operands)`` sums ``fn(*operands)`` over ``axes`` (keepdims): a layout's reduction (see
     :mod:`normjax._src.layout`). Masked-out elements are selected away before any arithmetic, so NaN or inf
@@ -125,7 +129,8 @@ def shifted_moments(
         m2 = total(lambda x, m=None: valid(abs_square(x), m), operands)
         zero = jnp.zeros(small, x.dtype)
         return ShiftedMoments(count, zero, zero, m2)
-    shift = None if mask is not None else sample_shift(x, axes)
+    shift = None if mask is not None else sample_shift(x if sample_from is None else sample_from, axes)
+    shift = None if shift is None else shift.astype(x.dtype)
     if shift is None:  # a masked sample could be padding (NaN): shift by the mean of the valid elements
         shift = jax.lax.stop_gradient(total(lambda x, m=None: valid(x, m), operands) / jnp.maximum(count, 1))
     s1 = total(lambda x, k, m=None: valid(x - k, m), (x, shift) + operands[1:])

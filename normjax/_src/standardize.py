@@ -208,7 +208,9 @@ def _forward(spec: _Spec, x, scale, bias, mask, epsilon, renorm):
     """The primal computation; also returns what the tangent rule reuses."""
     xf = x.astype(axes_lib.stats_dtype(x.dtype))
     layout = _layout(spec, xf)
-    local = shifted_moments(xf, spec.reduction_axes, mask=mask, centered=spec.centered, total=layout.total)
+    local = shifted_moments(
+        xf, spec.reduction_axes, mask=mask, centered=spec.centered, total=layout.total, sample_from=x
+    )
     own, common = merge_across_devices(local, spec.axis_name, spec.axis_index_groups, centered=spec.centered)
     moments = common.moments()
     inv_std = jax.lax.rsqrt(moments.var + epsilon)
