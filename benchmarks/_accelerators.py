@@ -301,7 +301,7 @@ def _computations(hlo: str) -> tuple[dict[str, list[str]], str]:
     for line in hlo.splitlines():
         if current is None:
             match = _COMPUTATION.match(line)
-            if match and "=" not in line.split("{")[0]:
+            if match and not line[0].isspace():  # headers start at column 0, instructions are indented
                 current = match.group(2)
                 computations[current] = []
                 entry = current if match.group(1) else entry
