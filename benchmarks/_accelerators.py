@@ -9,8 +9,11 @@ traffic, which is what a normalization's speed is made of (it does a few flops p
   custom-call, a non-fused reduce or copy, a collective (the ``-start`` half of an asynchronous pair). Bitcasts,
   tuples, tuple elements, parameters and constants move nothing. Calls (e.g. GPU command buffers) are looked into.
 * a kernel **moves** the bytes of its operands plus the bytes of its outputs: each fusion reads its inputs from
-  and writes its outputs to device memory once. Sizes are logical (elements times element size); TPU tiled
-  layouts may pad small arrays, which ``cost_analysis()["bytes accessed"]`` (TPU only) accounts for.
+  and writes its outputs to device memory once, except an operand it only slices, of which it reads the slice.
+  Sizes are logical (elements times element size); TPU tiled layouts may pad small arrays, which
+  ``cost_analysis()["bytes accessed"]`` (TPU only) accounts for. On TPU, XLA may prefetch an array that fits into
+  on-chip VMEM (an asynchronous ``copy-start``) and let later kernels read it from there: ``hbm_bytes`` counts only
+  the traffic to and from device memory (HBM).
 * the **temporaries** are ``compiled.memory_analysis().temp_size_in_bytes``: device memory the executable
   allocates besides its arguments and outputs.
 
@@ -45,6 +48,7 @@ _FREE_OPCODES = frozenset(
     {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "opt-barrier", "after-all", "partition-id"}
     | {"replica-id", "add-dependency"}
 )
+_SLICES = frozenset({"slice", "dynamic-slice"})
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all", "ragged-all-to-all")
 _ELEMENT_BYTES = {
     "pred": 1,
@@ -312,6 +316,68 @@ def _computations(hlo: str) -> tuple[dict[str, list[str]], str]:
     return computations, entry
 
 
+@dataclasses.dataclass(frozen=True)
+class _Instruction:
+    name: str
+    opcode: str
+    operands: tuple[str, ...]
+    attributes: str
+    bytes: int
+    hbm_bytes: int
+    parameter: int | None  # the parameter number, for a parameter
+
+
+def _instructions(lines: list[str]) -> list[_Instruction]:
+    instructions = []
+    for line in lines:
+        match = _INSTRUCTION.match(line)
+        if not match:
+            continue
+        hlo_type, opcode, operands, attributes = _parse_instruction(match.group(3))
+        number = re.search(r"parameter\((\d+)\)", match.group(3)) if opcode == "parameter" else None
+        instructions.append(
+            _Instruction(
+                name=match.group(2),
+                opcode=opcode,
+                operands=tuple(operands),
+                attributes=attributes,
+                bytes=type_bytes(hlo_type),
+                hbm_bytes=type_bytes(hlo_type, device_memory_only=True),
+                parameter=int(number.group(1)) if number else None,
+            )
+        )
+    return instructions
+
+
+def _read_fractions(fused: list[_Instruction]) -> dict[int, float]:
+    """The fraction of each parameter a fused computation reads: all of it, unless it is only ever sliced."""
+    users: dict[str, list[_Instruction]] = {}
+    for instruction in fused:
+        for operand in instruction.operands:
+            users.setdefault(operand, []).append(instruction)
+
+    def sliced_bytes(name: str) -> int | None:  # bytes read of `name` if only slices (through bitcasts) read it
+        total = 0
+        for user in users.get(name, []):
+            if user.opcode == "bitcast":
+                part = sliced_bytes(user.name)
+                if part is None:
+                    return None
+                total += part
+            elif user.opcode in _SLICES and user.operands[0] == name:
+                total += user.bytes
+            else:
+                return None
+        return total
+
+    fractions = {}
+    for instruction in fused:
+        if instruction.parameter is not None and instruction.bytes:
+            part = sliced_bytes(instruction.name)
+            fractions[instruction.parameter] = 1.0 if part is None else min(1.0, part / instruction.bytes)
+    return fractions
+
+
 def entry_kernels(hlo: str) -> list[Kernel]:
     """The kernels of an optimized HLO module's entry computation (see the module's docstring)."""
     computations, entry = _computations(hlo)
@@ -319,36 +385,40 @@ def entry_kernels(hlo: str) -> list[Kernel]:
     def kernels_of(computation: str) -> list[Kernel]:
         sizes: dict[str, tuple[int, int]] = {}  # name -> (bytes, device-memory bytes)
         kernels: dict[str, Kernel] = {}
-        for line in computations[computation]:
-            match = _INSTRUCTION.match(line)
-            if not match:
-                continue
-            name = match.group(2)
-            hlo_type, opcode, operands, attributes = _parse_instruction(match.group(3))
-            sizes[name] = (type_bytes(hlo_type), type_bytes(hlo_type, device_memory_only=True))
+        for instruction in _instructions(computations[computation]):
+            name, opcode, operands = instruction.name, instruction.opcode, instruction.operands
+            sizes[name] = (instruction.bytes, instruction.hbm_bytes)
             if opcode.endswith("-done"):
                 # A -start's tuple holds its operand's buffer too; what it writes is the -done's result.
                 start = kernels.get(operands[0])
                 if start is not None:
                     kernels[start.name] = dataclasses.replace(
-                        start, output_bytes=sizes[name][0], hbm_output_bytes=sizes[name][1]
+                        start, output_bytes=instruction.bytes, hbm_output_bytes=instruction.hbm_bytes
                     )
                 continue
             if opcode in _FREE_OPCODES:
                 continue
-            callee = re.search(r"to_apply=%?([\w.\-]+)", attributes)
+            callee = re.search(r"(?:to_apply|calls)=%?([\w.\-]+)", instruction.attributes)
             if opcode == "call" and callee:
                 kernels.update((k.name, k) for k in kernels_of(callee.group(1)))
                 continue
+            # What is read of each operand: a slice reads only what it keeps.
+            if opcode in _SLICES:
+                fractions = {0: instruction.bytes / max(sizes[operands[0]][0], 1)}
+            elif opcode == "fusion" and callee:
+                fractions = _read_fractions(_instructions(computations[callee.group(1)]))
+            else:
+                fractions = {}
+            attributes = instruction.attributes
             kind = re.search(r"kind=(\w+)", attributes) or re.search(r'custom_call_target="([^"]+)"', attributes)
             kernels[name] = Kernel(
                 name=name,
                 opcode=opcode,
                 kind=kind.group(1) if kind else "",
-                operand_bytes=sum(sizes.get(o, (0, 0))[0] for o in operands),
-                output_bytes=sizes[name][0],
-                hbm_operand_bytes=sum(sizes.get(o, (0, 0))[1] for o in operands),
-                hbm_output_bytes=sizes[name][1],
+                operand_bytes=round(sum(sizes[o][0] * fractions.get(i, 1.0) for i, o in enumerate(operands))),
+                output_bytes=instruction.bytes,
+                hbm_operand_bytes=round(sum(sizes[o][1] * fractions.get(i, 1.0) for i, o in enumerate(operands))),
+                hbm_output_bytes=instruction.hbm_bytes,
             )
         return list(kernels.values())
 
