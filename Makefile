@@ -1,18 +1,19 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   - creates .venv, installs normjax, runs the flagship example in quick mode
 #   make test   - creates .venv, installs normjax with its test extras, runs the whole test suite
+#   make accelerators - what each norm costs on a GPU (H100) and a TPU (v5e), from their compilers (no device)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= outputs
 
-.PHONY: demo test bench docs clean
+.PHONY: demo test bench accelerators docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test,examples,docs,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[test,examples,docs,dev,aot]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -25,6 +26,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py --out $(OUT)/benchmarks
+
+accelerators: $(STAMP)
+	JAX_PLATFORMS=cpu $(BIN)/python benchmarks/accelerators.py --out $(OUT)/accelerators
 
 docs: $(STAMP)
 	$(BIN)/python -m sphinx -W --keep-going -b html docs docs/_build/html
