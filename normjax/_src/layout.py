@@ -59,6 +59,7 @@ class XlaCpu(Generic):
     def __init__(self, shape, reduction_axes, vary):
         super().__init__(shape, reduction_axes, vary)
         self._tags = itertools.count(1)
+        self._plain_taken = False
 
     def total(self, fn, operands) -> jax.Array:
         axes, ndim = self.reduction_axes, len(self.shape)
@@ -66,6 +67,11 @@ class XlaCpu(Generic):
             # Innermost reductions (LayerNorm, RMSNorm) already run as one library fusion per row.
             return super().total(fn, operands)
         trailing = _trailing_reduced(axes, ndim)
+        if not self._plain_taken:
+            # One reduction per program stays in the plain shape (staged): two sibling reductions of the same
+            # input on distinct views crash XLA:CPU's runtime (jax 0.10.2; an InstanceNorm of (359, 8, 8, 16)).
+            self._plain_taken = True
+            return _staged_sum(fn(*(self._small(a) for a in operands)), axes, trailing)
         pattern = tuple(1 if a in axes and a not in trailing else n for a, n in enumerate(self.shape))
         view, view_shape, kept = _viewer(self.shape, pattern, next(self._tags), self.vary)
         values = fn(*(view(a) for a in operands))
@@ -86,6 +92,19 @@ class XlaCpu(Generic):
 
 
 LAYOUTS = {layout.name: layout for layout in (Generic, XlaCpu)}
+
+
+def _staged_sum(values, axes: tuple[int, ...], trailing: tuple[int, ...]) -> jax.Array:
+    """``jnp.sum(values, axes, keepdims=True)``, the trailing reduced axes last (see :func:`_trailing_reduced`)."""
+    if trailing:
+        # On a view whose axes after the leading ones are merged: were the two sums on one shape, XLA would
+        # merge them back into the slow single reduction.
+        shape, leading = jnp.shape(values), tuple(a for a in axes if a not in trailing)
+        split = max(leading) + 1
+        partial = jnp.sum(jnp.reshape(values, shape[:split] + (math.prod(shape[split:]),)), leading)
+        values = jnp.reshape(partial, tuple(1 if a in leading else n for a, n in enumerate(shape)))
+        axes = trailing
+    return jnp.sum(values, axes, keepdims=True)
 
 
 def _trailing_reduced(axes: tuple[int, ...], ndim: int) -> tuple[int, ...]:

@@ -119,7 +119,7 @@ def shifted_moments(
     if mask is None:
         count = jnp.full((1,) * x.ndim, static_size(x.shape, axes), real)
     else:
-        count = total(lambda m: m.astype(real), (mask,))
+        count = jnp.sum(mask, axes, keepdims=True, dtype=real)
 
     def valid(values, m=None):
         return values if m is None else jnp.where(m, values, jnp.zeros((), values.dtype))
