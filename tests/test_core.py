@@ -238,3 +238,37 @@ def test_complex_input_takes_the_autodiff():
     z = jnp.asarray(rng.normal(size=(4, C)) + 1j * rng.normal(size=(4, C)), jnp.complex64)
     assert "custom_jvp_call" not in str(jax.make_jaxpr(normjax.layer_norm)(z))
     np.testing.assert_allclose(normjax.layer_norm(z), reference.layer_norm(np.asarray(z)), rtol=1e-5, atol=1e-5)
+
+
+_LAYOUT_CASES = {
+    # name: (shape, reduction_axes, feature_axes, centered)
+    "batch_norm": ((6, 3, 4, C), (0, 1, 2), (3,), True),
+    "layer_norm": ((4, 5, C), (2,), (2,), True),
+    "rms_norm": ((4, 5, C), (2,), (2,), False),
+    "group_norm": ((3, 4, 2, C // 2), (1, 3), (2, 3), True),
+    "instance_norm": ((3, 5, C), (1,), (2,), True),
+}
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "masked"])
+@pytest.mark.parametrize("name", sorted(_LAYOUT_CASES))
+def test_both_layouts_compute_the_same_values_and_gradients(name, masked):
+    """The XLA:CPU layout only changes how XLA sees the work: values and gradients equal the generic layout's."""
+    shape, reduction_axes, feature_axes, centered = _LAYOUT_CASES[name]
+    rng = np.random.default_rng(23)
+    x = jnp.asarray(100.0 + rng.normal(size=shape), jnp.float32)
+    feature_shape = tuple(shape[a] for a in feature_axes)
+    s = jnp.asarray(rng.uniform(0.5, 1.5, feature_shape), jnp.float32)
+    b = jnp.asarray(rng.normal(size=feature_shape), jnp.float32)
+    g = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    mask = jnp.asarray(rng.uniform(size=shape) > 0.3) if masked else None
+    epsilon = jnp.asarray(1e-5, jnp.float32)
+
+    def run(layout):
+        spec = core._Spec(reduction_axes, feature_axes, centered, None, None, jnp.dtype(jnp.float32), layout)
+        f = jax.jit(lambda x, s, b: core._standardize(spec, x, s, b, mask, epsilon, None))
+        (y, mean, var, _), pull = jax.vjp(f, x, s, b)
+        return (y, mean, var) + pull((g, jnp.zeros_like(mean), jnp.zeros_like(var), jnp.zeros_like(var)))
+
+    for got, want in zip(run("xla_cpu"), run("generic"), strict=True):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)

@@ -173,3 +173,17 @@ def test_jit_and_vmap():
 def test_bad_input_raises_a_clear_error(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+@pytest.mark.parametrize("position", [0, 517], ids=["outlier_is_the_shift", "outlier_elsewhere"])
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_one_extreme_outlier_keeps_the_variance_to_one_percent(position, offset):
+    # One sample 1e4 standard deviations from the rest: the worst case of the shifted sums is when the sampled
+    # shift (the first element) is that outlier; the error bound is then about n * eps.
+    rng = np.random.default_rng(3)
+    x = offset + rng.normal(size=(1024, 4))
+    x[position] += 1e4
+    got = normjax.moments(jnp.asarray(x, jnp.float32), axes=0)
+    want = np.var(x.astype(np.float32).astype(np.float64), axis=0)
+    np.testing.assert_allclose(got.var, want, rtol=1e-2)
+    np.testing.assert_allclose(normjax.moments(jnp.asarray(x, jnp.float32), axes=0, mask=x < 1e9).var, want, rtol=1e-2)
