@@ -376,3 +376,20 @@ def test_sharded_equals_unsharded_and_flax(mode, mesh_name, placement, implement
         _assert_sharding(out[0], x_spec, mesh, "y" if check == "forward" else "dx")
         if feature_spec is not None:
             _assert_sharding(out[1], feature_spec, mesh, "new running statistics" if check == "forward" else "dparams")
+
+
+@pytest.mark.parametrize("norm", [n for n in NORMS if n != "BatchNorm_eval"])
+@pytest.mark.parametrize("library", [normjax_linen, flax_linen], ids=["normjax", "flax"])
+@pytest.mark.parametrize("mesh_name", MESHES)
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
+def test_linen_init_with_a_sharded_input(axis_type, mesh_name, library, norm):
+    # `model.init(key, x)` with the global batch sharded, as a training script calls it: the same variables.
+    if library is flax_linen and norm == "GroupNorm" and (axis_type, mesh_name) == (AxisType.Explicit, "data2_model4"):
+        pytest.skip("Flax's GroupNorm cannot take channels sharded under explicit sharding (its jnp.repeat raises)")
+    module = _linen_module(library, norm, None, None)
+    want = module.init(jax.random.key(0), X)
+    mesh = jax.make_mesh(*MESHES[mesh_name], axis_types=(axis_type,) * len(MESHES[mesh_name][0]))
+    with jax.set_mesh(mesh):
+        x = jax.device_put(X, NamedSharding(mesh, _specs(mesh_name)[0]))
+        got = jax.jit(module.init)(jax.random.key(0), x)
+    _assert_close(got, want, "init: ")
