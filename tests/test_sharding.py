@@ -9,20 +9,23 @@ The sharding modes:
   code is written for the global batch, with no ``axis_name``; the statistics' reductions over a sharded axis
   become collectives.
 - **auto**: the same with ``AxisType.Auto``: the compiler propagates the input shardings through the program.
-- **shard_map**: manual sharding: ``jax.shard_map`` runs the code on each device's block; statistics over a
-  sharded axis are synchronized by ``axis_name`` (the batch over ``data``; LayerNorm and RMSNorm over ``model``
-  when the features are sharded there).
+- **shard_map**: manual sharding (on the default, explicit mesh): ``jax.shard_map`` runs the code on each
+  device's block; statistics over a sharded axis are synchronized by ``axis_name`` (the batch over ``data``;
+  LayerNorm and RMSNorm over ``model`` when the features are sharded there).
 - **pmap**: manual too, on the one-axis mesh: each device gets one slice of the batch, ``axis_name='data'``.
 
 The meshes: ``(8,)`` named ``data`` (the batch sharded, everything else replicated) and ``(2, 4)`` named ``data``
 and ``model`` (the batch over ``data``, the features over ``model``, and with them the parameters and the running
-statistics). The input has a large offset (1e3) so that a one-pass variance is visibly wrong.
+statistics; under explicit and auto also with the parameters and running statistics replicated, as ``init``
+creates them). The input has a large offset (1e3) so that a one-pass variance is visibly wrong.
 
 Each case checks that the sharded computation runs; that its output, running statistics and gradients (of a
 scalar loss with respect to ``x``, ``scale`` and ``bias``) equal the unsharded computation's and those of Flax's
 layer (``use_fast_variance=False``); that the running statistics equal those of the global batch in float64; and
-that the outputs keep their sharding: ``y`` (and ``dx``) like ``x``, the running statistics (and the parameters'
-gradients) like the parameters. Flax's own layers are run through the same cases, which shows the cases are fair.
+that the outputs are sharded as they should be: ``y`` and ``dx`` like ``x``, the new running statistics like the
+batch statistics (like the features) in training and as given in evaluation, the parameters' gradients like the
+parameters (under explicit sharding, where it is their type), and under ``pmap`` every device holding the same
+running statistics. Flax's own layers go through the same cases, which shows the cases are fair.
 """
 
 from __future__ import annotations
