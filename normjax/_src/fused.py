@@ -92,7 +92,7 @@ def standardize_with_moments(
     Validates like the reference functions, then takes the fused rule when it applies.
     """
     axes_lib.check_inexact(x)
-    axes_lib.check_epsilon(epsilon)
+    axes_lib.check_epsilon(epsilon, x.dtype)
     ndim = jnp.ndim(x)
     reduce_axes = axes_lib.canonicalize_axes(reduction_axes, ndim, "reduction_axes")
     features = axes_lib.canonicalize_axes(feature_axes, ndim, "feature_axes")
@@ -101,7 +101,10 @@ def standardize_with_moments(
     axes_lib.check_param(bias, feature_shape, "bias", f"the size of x's feature axes {features}")
     axes_lib.check_mask(mask, jnp.shape(x))
     axes_lib.check_axis_name(axis_name, axis_index_groups)
+    axes_lib.check_static_bool(centered, "centered")  # argument check (axes.py)
+    axes_lib.check_float_dtype(dtype)  # argument check (axes.py)
     out_dtype = axes_lib.output_dtype(x, dtype)
+    axes_lib.check_real_output(out_dtype, scale=scale, bias=bias)  # argument check (axes.py)
 
     fast = (
         not getattr(_state, "reference", False)
