@@ -525,16 +525,20 @@ def check_several_values(
     axis_index_groups,
     norm: str,
     fix: str,
+    empty_only: bool = False,
 ) -> None:
     """Raises when each statistic of `norm` would see exactly one value (its output would be 0, or ±1 for RMS).
 
     The count is static: the reduced axes of `shape` times the devices of `axis_name`. A mask can only lower it,
     so it is not needed here. Zero values (an empty input) are not refused: there is nothing to normalize.
+    With `empty_only` only an empty set of reduced axes counts (LayerNorm and RMSNorm over size-1 axes are
+    accepted, as in PyTorch and Flax); otherwise any single value does (as PyTorch's GroupNorm and
+    InstanceNorm refuse it).
     """
     per_device = 1
     for a in reduction_axes:
         per_device *= shape[a]
-    if per_device != 1:
+    if per_device != 1 or (empty_only and reduction_axes):
         return
     devices = synchronized_size(axis_name, axis_index_groups)
     if devices != 1:
@@ -576,8 +580,8 @@ def check_batch_norm_values(
 
 
 ONE_VALUE_FIX = {
-    "layer_norm": "Normalize over axes holding more than one element: check `axis` (`axis=()` reduces nothing).",
-    "rms_norm": "Normalize over axes holding more than one element: check `axis` (`axis=()` reduces nothing).",
+    "layer_norm": "`axis=()` reduces nothing: pass the axes to normalize over, e.g. `axis=-1`.",
+    "rms_norm": "`axis=()` reduces nothing: pass the axes to normalize over, e.g. `axis=-1`.",
     "group_norm": (
         "Use fewer groups (`num_groups`) or a larger `group_size`, or an input with spatial axes (e.g. (N, H, W, "
         "C)); for an (N, C) input with one channel per group use layer_norm or batch_norm."
@@ -594,7 +598,8 @@ def check_norm_values(
     norm: str, shape: tuple[int, ...], reduction_axes: tuple[int, ...], axis_name: AxisName, axis_index_groups
 ) -> None:
     """:func:`check_several_values` for the per-example norms, with the fix that suits each."""
-    check_several_values(shape, reduction_axes, axis_name, axis_index_groups, norm, ONE_VALUE_FIX[norm])
+    empty_only = norm in ("layer_norm", "rms_norm")
+    check_several_values(shape, reduction_axes, axis_name, axis_index_groups, norm, ONE_VALUE_FIX[norm], empty_only)
 
 
 def check_ghost_batch_options(virtual_batch_size, axis_name: AxisName, renorm_clipping) -> None:

@@ -16,7 +16,9 @@ Nothing here computes a statistic or normalizes: that is :func:`normjax.batch_no
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +30,29 @@ from normjax._src.state import BatchNormState
 
 #: The dtype the layers create running statistics in, whatever ``param_dtype`` or ``force_float32_reductions``.
 RUNNING_STATS_DTYPE = jnp.float32
+
+_freeze = threading.local()
+
+
+@contextlib.contextmanager
+def linen_freeze_active() -> Iterator[None]:
+    """Marks (per thread) that :func:`normjax.freeze_batch_norm`, which only reaches linen layers, is active."""
+    depth = getattr(_freeze, "depth", 0)
+    _freeze.depth = depth + 1
+    try:
+        yield
+    finally:
+        _freeze.depth = depth
+
+
+def refuse_nnx_call_inside_linen_freeze(training: bool) -> None:
+    """Raises when an nnx BatchNorm would update its statistics inside ``freeze_batch_norm()`` (linen only)."""
+    if training and getattr(_freeze, "depth", 0):
+        raise RuntimeError(
+            "an nnx BatchNorm was called in training mode inside `normjax.freeze_batch_norm()`, which freezes "
+            "flax.linen layers only (nnx has no method interception), so its statistics would keep updating. "
+            "Freeze nnx models with `normjax.freeze_batch_norm_nnx(model)` (or `model.eval()`) instead."
+        )
 
 
 def output_dtype(*arrays: jax.Array | None, dtype=None) -> jnp.dtype:
@@ -123,6 +148,7 @@ def check_several_values(
         axes_lib.ONE_VALUE_FIX["instance_norm"]
         if layer == "InstanceNorm"
         else "Check `reduction_axes` (and `feature_axes`): they must reduce axes holding more than one element.",
+        empty_only=layer in ("LayerNorm", "RMSNorm"),
     )
 
 

@@ -182,6 +182,7 @@ class BatchNorm(nnx.Module):
             ),
         )
         common.check_input_features(jnp.shape(x), self.axis, "axis", self.num_features, "BatchNorm")
+        common.refuse_nnx_call_inside_linen_freeze(not use_running_average)
         running_mean, running_var = self.mean[...], self.var[...]
         x, mean, var, scale, bias = self.promote_dtype(
             (x, running_mean, running_var, _value(self.scale), _value(self.bias)), dtype=self.dtype
