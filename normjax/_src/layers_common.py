@@ -61,6 +61,7 @@ def output_dtype(*arrays: jax.Array | None, dtype=None) -> jnp.dtype:
     This is ``flax.linen.dtypes.canonicalize_dtype``: ``None`` entries are ignored and a non-inexact result is
     promoted to floating point, so a bfloat16 input with float32 parameters gives a float32 output.
     """
+    check_input(arrays[0])
     if dtype is None:
         dtype = jnp.result_type(*(a for a in arrays if a is not None))
         if not jnp.issubdtype(dtype, jnp.inexact):
@@ -80,11 +81,15 @@ def bool_mask(mask) -> jax.Array | None:
     return None if mask is None else jnp.asarray(mask, bool)
 
 
+def check_input(x) -> None:
+    """Flax's layers take anything ``jnp.asarray`` takes; a torch tensor gets the core's message on converting it."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):
+        axes_lib.check_inexact(x)
+
+
 def widen(x, out_dtype) -> jax.Array:
     """``x`` in the promotion of its dtype and the output dtype: exact (a wider float, or an integer input made
     floating, as Flax accepts), so the core computes in >= float32 and rounds once, to the output dtype."""
-    if hasattr(x, "detach") and hasattr(x, "cpu"):
-        axes_lib.check_inexact(x)  # a torch tensor: the core's message says how to convert it
     x = jnp.asarray(x)
     return x.astype(jnp.promote_types(x.dtype, out_dtype))
 
@@ -119,8 +124,10 @@ def check_num_features(num_features, layer: str) -> None:
         )
 
 
-def check_input_features(x_shape: tuple[int, ...], axes, axes_name: str, num_features: int, layer: str) -> None:
+def check_input_features(x, axes, axes_name: str, num_features: int, layer: str) -> None:
     """Raises when the input's feature axis does not hold `num_features` elements (nnx layers fix it at build)."""
+    check_input(x)
+    x_shape = jnp.shape(x)
     if not axes_lib._is_int(axes):
         return  # several feature axes: their shapes are checked against the parameters by the core
     (axis,) = axes_lib.canonicalize_axes(axes, len(x_shape), axes_name)

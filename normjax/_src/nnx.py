@@ -181,7 +181,7 @@ class BatchNorm(nnx.Module):
                 "(`bn(x, use_running_average=True)`), or set it with `model.train()` / `model.eval()`."
             ),
         )
-        common.check_input_features(jnp.shape(x), self.axis, "axis", self.num_features, "BatchNorm")
+        common.check_input_features(x, self.axis, "axis", self.num_features, "BatchNorm")
         common.refuse_nnx_call_inside_linen_freeze(not use_running_average)
         running_mean, running_var = self.mean[...], self.var[...]
         x, mean, var, scale, bias = self.promote_dtype(
@@ -303,7 +303,7 @@ class LayerNorm(nnx.Module):
         Returns:
           The normalized input, of ``x``'s shape.
         """
-        common.check_input_features(jnp.shape(x), self.feature_axes, "feature_axes", self.num_features, "LayerNorm")
+        common.check_input_features(x, self.feature_axes, "feature_axes", self.num_features, "LayerNorm")
         x, scale, bias = self.promote_dtype((x, _value(self.scale), _value(self.bias)), dtype=self.dtype)
         return common.apply_standardize(
             x, scale, bias, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
@@ -392,7 +392,7 @@ class RMSNorm(nnx.Module):
         Returns:
           The normalized input, of ``x``'s shape.
         """
-        common.check_input_features(jnp.shape(x), self.feature_axes, "feature_axes", self.num_features, "RMSNorm")
+        common.check_input_features(x, self.feature_axes, "feature_axes", self.num_features, "RMSNorm")
         x, scale = self.promote_dtype((x, _value(self.scale)), dtype=self.dtype)
         return common.apply_standardize(
             x, scale, None, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
@@ -492,7 +492,7 @@ class GroupNorm(nnx.Module):
         Returns:
           The normalized input, of ``x``'s shape.
         """
-        common.check_input_features(jnp.shape(x), -1, "axis", self.num_features, "GroupNorm")
+        common.check_input_features(x, -1, "axis", self.num_features, "GroupNorm")
         x, scale, bias = self.promote_dtype((x, _value(self.scale), _value(self.bias)), dtype=self.dtype)
         return common.apply_group_norm(
             x, scale, bias, num_groups=self.num_groups, group_size=None, reduction_axes=self.reduction_axes,
@@ -588,7 +588,7 @@ class InstanceNorm(nnx.Module):
           The normalized input, of ``x``'s shape.
         """
         feature_axes, reduction_axes = common.instance_norm_axes(jnp.ndim(x), self.feature_axes)
-        common.check_input_features(jnp.shape(x), self.feature_axes, "feature_axes", self.num_features, "InstanceNorm")
+        common.check_input_features(x, self.feature_axes, "feature_axes", self.num_features, "InstanceNorm")
         x, scale, bias = self.promote_dtype((x, _value(self.scale), _value(self.bias)), dtype=self.dtype)
         return common.apply_standardize(
             x, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes, epsilon=self.epsilon,

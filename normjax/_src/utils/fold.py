@@ -190,7 +190,7 @@ def _lookup(tree, path, default=_MISSING):
                 return default
             available = sorted(node) if isinstance(node, Mapping) else []
             if depth == 0:
-                fix = f"`variables` must hold the {name!r} collection of the trained model."
+                fix = f"Pass `variables` with the {name!r} collection of the trained model."
             elif name in ("kernel", "mean", "var"):
                 fix = (
                     "Check `pairs`: each entry maps a Dense or Conv layer (with a 'kernel') to the BatchNorm after it "

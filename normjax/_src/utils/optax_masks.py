@@ -183,7 +183,10 @@ def _module_selector(modules, pattern):
         wanted = {_paths.as_path(m) for m in modules}
         return lambda module_path: module_path in wanted
     if not isinstance(pattern, str):
-        raise TypeError(f"`pattern` must be a regular expression string, got {pattern!r}.")
+        raise TypeError(
+            f"`pattern` must be a regular expression string, got {pattern!r}. Pass e.g. `pattern=r'bn\\d*'`, or "
+            "the layers' paths as `modules=...`."
+        )
     try:
         compiled = re.compile(pattern)
     except re.error as error:

@@ -109,7 +109,7 @@ def precise_batch_stats(
         have = sorted(variables) if isinstance(variables, Mapping) else type(variables).__name__
         raise ValueError(
             f"`variables` has no 'batch_stats' collection (it has {have}); precise statistics need the variables "
-            "of a model with BatchNorm layers, e.g. `model.init(key, x)`."
+            "of a model with BatchNorm layers: pass e.g. `model.init(key, x)`."
         )
     if batch_size is not None and not callable(batch_size):
         raise TypeError(

@@ -68,8 +68,8 @@ def norm_variables_from_torch(
         )
     if not isinstance(prefix, str):
         raise TypeError(
-            f"`prefix` must be a string, the layer's name in `state_dict` (e.g. 'layer1.0.bn1', or '' for the "
-            f"layer's own state_dict), got {prefix!r}."
+            f"`prefix` must be a string, the layer's name in `state_dict`, got {prefix!r}. Pass e.g. "
+            "`prefix='layer1.0.bn1'`, or `prefix=''` for the layer's own state_dict."
         )
     axes_lib.check_float_dtype(dtype, "dtype", "the dtype of the returned variables")
     if not jnp.issubdtype(dtype, jnp.floating):
@@ -161,7 +161,7 @@ def _flip_momentum(momentum, name):
         )
     if momentum is None or not 0.0 <= momentum <= 1.0:
         raise ValueError(
-            f"`{name}` must be a number in [0, 1], got {momentum!r}. PyTorch's momentum=None (a cumulative "
-            "moving average) has no exponential-moving-average equivalent."
+            f"`{name}` must be a number in [0, 1], got {momentum!r}. Pass e.g. 0.1 (PyTorch's default); "
+            "PyTorch's momentum=None (a cumulative moving average) has no exponential-moving-average equivalent."
         )
     return round(1.0 - momentum, 12)
