@@ -206,6 +206,12 @@ CASES = [
         TypeError,
         "use_running_average",
     ),
+    (
+        "traced-use-running-average-nnx",
+        lambda: jax.jit(lambda u: njx.BatchNorm(6, rngs=nnx.Rngs(0))(X, use_running_average=u))(True),
+        TypeError,
+        "use_running_average",
+    ),
     ("virtual-batch-size-float", lambda: bn_train(virtual_batch_size=2.0), TypeError, "virtual_batch_size"),
     ("virtual-batch-size-bool", lambda: bn_train(virtual_batch_size=True), TypeError, "virtual_batch_size"),
     ("renorm-inf", lambda: bn_train(renorm_clipping=(float("inf"), 1.0)), ValueError, "renorm_clipping"),

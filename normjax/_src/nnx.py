@@ -19,6 +19,7 @@ from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes, initializers
 from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
 
+from normjax._src import axes as axes_lib
 from normjax._src import layers_common as common
 
 _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
@@ -182,6 +183,7 @@ class BatchNorm(nnx.Module):
             ),
         )
         common.check_input_features(x, self.axis, "axis", self.num_features, "BatchNorm")
+        axes_lib.check_static_bool(use_running_average, "use_running_average")
         common.refuse_nnx_call_inside_linen_freeze(not use_running_average)
         running_mean, running_var = self.mean[...], self.var[...]
         x, mean, var, scale, bias = self.promote_dtype(
