@@ -374,6 +374,12 @@ def test_numpy_integer_virtual_batch_size_is_accepted():
     assert_same_state(got[1], want[1])
 
 
+def test_array_wrappers_are_accepted_like_arrays():
+    # nnx variables implement __jax_array__ and are passed as parameters directly.
+    scale = nnx.Param(jnp.full(6, 2.0))
+    np.testing.assert_array_equal(nj.layer_norm(X, scale), nj.layer_norm(X, jnp.full(6, 2.0)))
+
+
 def test_traced_renorm_clipping_follows_a_schedule():
     """Batch Renormalization ramps r_max and d_max during training: traced bounds equal static ones."""
     state = nj.BatchNormState(jnp.full(6, 0.3), jnp.full(6, 0.5))

@@ -86,8 +86,8 @@ def _type_name(value) -> str:
 
 
 def _check_array_like(value, name: str) -> None:
-    if isinstance(value, jax.Array | np.ndarray | np.generic):
-        return
+    if isinstance(value, jax.Array | np.ndarray | np.generic) or hasattr(value, "__jax_array__"):
+        return  # __jax_array__: array wrappers such as nnx.Variable
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor, recognized without importing torch
         raise TypeError(
             f"`{name}` must be a JAX or NumPy array, got a PyTorch tensor ({_type_name(value)}). Convert it first: "
