@@ -12,11 +12,13 @@ The ``normjax-ci`` profile keeps the examples few so the suite stays fast; run m
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -162,6 +164,10 @@ def test_group_norm_matches_reference(data, spatial, batch, num_groups, group_si
     mask = random_mask(seed, shape, mask_kind)
     x = random_input(seed, shape, dtype)
     by = {"num_groups": num_groups} if data.draw(st.booleans()) else {"group_size": group_size}
+    if group_size * math.prod(spatial) == 1:  # one value per group: refused, as in PyTorch
+        with pytest.raises(ValueError, match="single value"):
+            nj.group_norm(x, axis=axis, **by)
+        return
     y = jax.jit(functools.partial(nj.group_norm, axis=axis, **by))(poison(x, mask), scale, bias, mask=mask)
     want = reference.group_norm(exact(x), scale, bias, num_groups=num_groups, axis=axis, mask=mask)
     assert_matches(y, want, dtype, mask)
@@ -173,6 +179,10 @@ def test_instance_norm_matches_reference(data, shape, seed, dtype, mask_kind, us
     scale, bias = affine(seed, (shape[axis],), use_affine)
     mask = random_mask(seed, shape, mask_kind)
     x = random_input(seed, shape, dtype)
+    if math.prod(shape[1:]) == shape[axis]:  # one value per instance and channel: refused, as in PyTorch
+        with pytest.raises(ValueError, match="single value"):
+            nj.instance_norm(x, axis=axis)
+        return
     y = jax.jit(functools.partial(nj.instance_norm, axis=axis))(poison(x, mask), scale, bias, mask=mask)
     assert_matches(y, reference.instance_norm(exact(x), scale, bias, axis=axis, mask=mask), dtype, mask)
 

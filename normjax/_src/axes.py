@@ -7,11 +7,13 @@ The catalogue of these errors is documented in ``docs/guides/errors.md``.
 
 from __future__ import annotations
 
+import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Axes = int | Sequence[int]
 AxisName = str | Sequence[str] | None
@@ -78,11 +80,22 @@ def complement(axes: tuple[int, ...], ndim: int) -> tuple[int, ...]:
     return tuple(a for a in range(ndim) if a not in axes)
 
 
+def _type_name(value) -> str:
+    cls = type(value)
+    return cls.__name__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
 def _check_array_like(value, name: str) -> None:
-    if isinstance(value, list | tuple) or not hasattr(value, "dtype"):
+    if isinstance(value, jax.Array | np.ndarray | np.generic) or hasattr(value, "__jax_array__"):
+        return  # __jax_array__: array wrappers such as nnx.Variable
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor, recognized without importing torch
         raise TypeError(
-            f"`{name}` must be a JAX or NumPy array, got {type(value).__name__}. Wrap it first: `jnp.asarray({name})`."
+            f"`{name}` must be a JAX or NumPy array, got a PyTorch tensor ({_type_name(value)}). Convert it first: "
+            f"`jnp.asarray({name}.detach().cpu().numpy())`, or `jax.dlpack.from_dlpack({name})` without a copy."
         )
+    raise TypeError(
+        f"`{name}` must be a JAX or NumPy array, got {_type_name(value)}. Wrap it first: `jnp.asarray({name})`."
+    )
 
 
 def check_inexact(x: jax.Array, name: str = "x") -> None:
@@ -143,6 +156,9 @@ def check_param(param: jax.Array | None, expected: tuple[int, ...], name: str, w
             f"`{name}` must be an array of shape {tuple(expected)} ({what}), got a {type(param).__name__}. "
             f"Wrap it: `jnp.asarray({name})`."
         )
+    if not isinstance(param, numbers.Number):
+        _check_array_like(param, name)
+    _check_numeric(param, name)
     got = jnp.shape(param)
     if tuple(got) != tuple(expected):
         raise ValueError(
@@ -188,31 +204,68 @@ def check_state(state, feature_shape: tuple[int, ...], x_dtype, what: str) -> No
         )
 
 
+def _check_numeric(value, name: str) -> None:
+    """Raises unless `value` (an array or a number) holds numbers, not booleans."""
+    dtype = jnp.result_type(value)
+    if dtype == jnp.bool_ or not jnp.issubdtype(dtype, jnp.number):
+        raise TypeError(
+            f"`{name}` must hold numbers, got dtype {dtype}. Pass a floating-point array, e.g. "
+            f"`{name}.astype(jnp.float32)`."
+        )
+
+
 def _static_scalar(value, name: str, expected: str, hint: str) -> float | None:
-    """The Python float of a concrete scalar, None for a traced one; raises naming `name` for anything else."""
-    if isinstance(value, jax.core.Tracer):
-        return None
-    scalar_like = isinstance(value, numbers.Real) or hasattr(value, "dtype")
-    if scalar_like and not isinstance(value, bool) and jnp.ndim(value) == 0:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            pass
-    raise TypeError(f"`{name}` must be {expected}, got {value!r} of type {type(value).__name__}. {hint}")
+    """The Python float of a concrete real scalar, None for a traced one; raises naming `name` for anything else.
+
+    Booleans (Python or NumPy) are refused: ``epsilon=True`` is a bug, not 1.0.
+    """
+    is_real = isinstance(value, numbers.Real) or (
+        hasattr(value, "dtype") and value.dtype != jnp.bool_ and jnp.issubdtype(value.dtype, jnp.number)
+    )
+    is_real = is_real and not isinstance(value, bool | np.bool_) and not jnp.iscomplexobj(value)
+    if is_real and jnp.ndim(value) == 0:
+        if isinstance(value, jax.core.Tracer):
+            return None
+        return float(value)
+    got = f"a traced array of shape {jnp.shape(value)}" if isinstance(value, jax.core.Tracer) else f"{value!r}"
+    raise TypeError(f"`{name}` must be {expected}, got {got} of type {_type_name(value)}. {hint}")
 
 
-def check_epsilon(epsilon) -> None:
-    """Raises unless a static `epsilon` is a positive number (traced values are left to the user)."""
+def check_epsilon(epsilon, x_dtype=None) -> None:
+    """Raises unless a static `epsilon` is a positive, finite number, normal in the statistics dtype of `x_dtype`.
+
+    Why normal: an epsilon below the smallest normal number of the statistics dtype (1.2e-38 for float32)
+    rounds to a subnormal or to 0 there, and ``rsqrt(0 + epsilon)`` of a constant feature is then infinite
+    (subnormals are flushed to zero by XLA), giving NaN instead of 0. Traced values cannot be checked here;
+    :func:`normjax.batch_norm` keeps its running state when a traced epsilon is not positive and finite.
+    """
     hint = "Typical values are 1e-5 (BatchNorm) and 1e-6 (LayerNorm, GroupNorm)."
     value = _static_scalar(epsilon, "epsilon", "a positive number", hint)
-    if value is not None and not value > 0:  # `not >` also rejects NaN
+    if value is None:
+        return
+    if not value > 0 or not math.isfinite(value):  # `not >` also rejects NaN
         raise ValueError(
-            f"`epsilon` must be a positive number (it keeps 1/sqrt(var + epsilon) finite), got {epsilon!r}. {hint}"
+            f"`epsilon` must be a positive number, and finite (it keeps 1/sqrt(var + epsilon) finite and "
+            f"nonzero), got {epsilon!r}. {hint}"
+        )
+    if x_dtype is None:
+        return
+    real = jnp.finfo(stats_dtype(x_dtype)).dtype
+    tiny, largest = float(jnp.finfo(real).tiny), float(jnp.finfo(real).max)
+    if not tiny <= value <= largest:
+        raise ValueError(
+            f"`epsilon`={epsilon!r} is outside the normal range [{tiny:.3g}, {largest:.3g}] of {real}, the dtype "
+            f"the statistics of this input ({jnp.dtype(x_dtype)}) are computed in: it would round to "
+            f"{'a subnormal number or 0, and a constant feature would give NaN' if value < tiny else 'infinity'}. "
+            f"{hint}"
         )
 
 
 def check_momentum(momentum) -> None:
-    """Raises unless a static `momentum` lies in [0, 1] (traced values, e.g. in a vmap sweep, pass)."""
+    """Raises unless a static `momentum` lies in [0, 1] (traced values, e.g. in a vmap sweep, pass).
+
+    :func:`normjax.batch_norm` keeps its running state when a traced momentum is outside [0, 1] or NaN.
+    """
     hint = "PyTorch's momentum m corresponds to `momentum=1 - m` (torch 0.1 -> 0.9)."
     value = _static_scalar(momentum, "momentum", "a number in [0, 1]", hint)
     if value is not None and not 0.0 <= value <= 1.0:
@@ -224,33 +277,144 @@ def check_momentum(momentum) -> None:
 
 def check_static_bool(value, name: str) -> None:
     """Raises unless `value` is a Python (or NumPy) bool known at trace time, e.g. ``training``."""
-    if isinstance(value, bool) or (
-        hasattr(value, "dtype")
-        and not isinstance(value, jax.core.Tracer)
-        and jnp.ndim(value) == 0
-        and jnp.result_type(value) == jnp.bool_
-    ):
+    if isinstance(value, bool | np.bool_):
         return
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"`{name}` must be a Python bool known at trace time, got a traced value ({value.aval.str_short()}). "
+            f"It selects the code path, so it cannot be traced: mark it static "
+            f"(`jax.jit(f, static_argnames='{name}')`) or branch outside the jitted function."
+        )
+    if hasattr(value, "dtype") and jnp.ndim(value) == 0 and jnp.result_type(value) == jnp.bool_:
+        return  # a concrete 0-d boolean array
     raise TypeError(
-        f"`{name}` must be a Python bool known at trace time, got {value!r}. It selects the code path, so it "
-        f"cannot be traced: mark it static (`jax.jit(f, static_argnames='{name}')`) or branch outside the jitted "
-        "function."
+        f"`{name}` must be a Python bool known at trace time, got {value!r} of type {_type_name(value)}. "
+        f"Pass `{name}=True` or `{name}=False`."
     )
 
 
 def check_renorm_clipping(renorm_clipping) -> None:
-    """Raises unless `renorm_clipping` is None or a pair ``(r_max, d_max)`` with r_max >= 1 and d_max >= 0."""
+    """Raises unless `renorm_clipping` is None or a pair ``(r_max, d_max)`` with r_max >= 1 and d_max >= 0.
+
+    Each bound may be traced (Batch Renormalization ramps them up during training): traced bounds are checked
+    for being real scalars only.
+    """
     if renorm_clipping is None:
         return
+    hint = (
+        f"got {renorm_clipping!r}. The paper ramps up to (3.0, 5.0); (1.0, 0.0) is plain BatchNorm. The bounds "
+        "may be traced scalars, so a schedule can pass them to a jitted step."
+    )
+    expected = "`renorm_clipping` must be a pair (r_max, d_max) with r_max >= 1 and d_max >= 0"
+    if isinstance(renorm_clipping, str | bytes) or not isinstance(renorm_clipping, Sequence):
+        raise ValueError(f"{expected}, {hint}")
+    if len(renorm_clipping) != 2:
+        raise ValueError(f"{expected}, {hint}")
+    r_max, d_max = renorm_clipping
     try:
-        r_max, d_max = renorm_clipping
-        valid = float(r_max) >= 1.0 and float(d_max) >= 0.0
-    except (TypeError, ValueError):
-        valid = False
-    if not valid:
+        r = _static_scalar(r_max, "renorm_clipping", "a pair of real scalars (r_max, d_max)", "")
+        d = _static_scalar(d_max, "renorm_clipping", "a pair of real scalars (r_max, d_max)", "")
+    except TypeError:
+        raise ValueError(f"{expected}, {hint}") from None
+    if (r is not None and not (1.0 <= r < math.inf)) or (d is not None and not (0.0 <= d < math.inf)):
+        raise ValueError(f"{expected} (and finite), {hint}")
+
+
+def check_virtual_batch_size(virtual_batch_size, batch: int) -> None:
+    """Raises unless `virtual_batch_size` is a positive int (Python or NumPy) dividing the batch size."""
+    divisors = [d for d in range(1, batch + 1) if batch % d == 0] if batch else []
+    if not _is_int(virtual_batch_size):
+        raise TypeError(
+            f"`virtual_batch_size` must be an int, got {virtual_batch_size!r} of type "
+            f"{_type_name(virtual_batch_size)}. Choose a divisor of the batch size {batch} (axis 0 of x): "
+            f"{divisors}."
+        )
+    if virtual_batch_size < 1 or (batch % virtual_batch_size if batch else False):
         raise ValueError(
-            f"`renorm_clipping` must be a pair (r_max, d_max) with r_max >= 1 and d_max >= 0, got "
-            f"{renorm_clipping!r}. The paper ramps up to (3.0, 5.0); (1.0, 0.0) is plain BatchNorm."
+            f"`virtual_batch_size`={virtual_batch_size!r} must be a positive int that divides the batch size "
+            f"{batch} (axis 0 of x). Choose a divisor of {batch}: {divisors}, or pad the batch and mask the "
+            "padding."
+        )
+
+
+def check_features(features, name: str = "features") -> tuple[int, ...]:
+    """The shape of per-feature statistics from a count or a shape; raises naming `name` for anything else."""
+    fix = f"Pass the number of features, e.g. `{name}=64`, or the feature axes' shape, e.g. `{name}=(8, 64)`."
+    if _is_int(features):
+        shape = (int(features),)
+    elif isinstance(features, Sequence) and not isinstance(features, str | bytes):
+        if not all(_is_int(f) for f in features):
+            raise TypeError(f"`{name}` must be a sequence of ints, got {features!r}. {fix}")
+        shape = tuple(int(f) for f in features)
+    else:
+        raise TypeError(
+            f"`{name}` must be an int or a sequence of ints, got {features!r} of type {_type_name(features)}. {fix}"
+        )
+    if any(f < 0 for f in shape):
+        raise ValueError(f"`{name}` must not be negative, got {features!r}. {fix}")
+    return shape
+
+
+def check_float_dtype(dtype, name: str = "dtype", what: str = "the output dtype") -> None:
+    """Raises unless `dtype` (if not None) is a floating-point or complex dtype."""
+    if dtype is None:
+        return
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(
+            f"`{name}` must be a dtype ({what}), got {dtype!r}. Pass e.g. `{name}=jnp.float32`, or None."
+        ) from None
+    if not jnp.issubdtype(resolved, jnp.inexact):
+        raise TypeError(
+            f"`{name}` must be a floating-point or complex dtype ({what}), got {resolved}. Pass e.g. "
+            f"`{name}=jnp.float32` (or `jnp.bfloat16`), or None to keep the input's dtype."
+        )
+
+
+def check_real_output(out_dtype, **params) -> None:
+    """Raises when a complex parameter would be cast into a real output, dropping its imaginary part.
+
+    Complex parameters are supported with a complex output (a complex `x`, or a complex ``dtype``), as complex
+    inputs are; with a real output the result is complex only on paper, so it is refused rather than truncated.
+    """
+    if jnp.issubdtype(out_dtype, jnp.complexfloating):
+        return
+    for name, value in params.items():
+        if value is not None and jnp.iscomplexobj(value):
+            raise TypeError(
+                f"`{name}` is complex (dtype {jnp.result_type(value)}) but the output is real "
+                f"({jnp.dtype(out_dtype)}): its imaginary part would be dropped. For a complex result make `x` "
+                f"complex, e.g. `x.astype(jnp.complex64)`; otherwise pass a real `{name}` (e.g. `jnp.real({name})`)."
+            )
+
+
+def check_moment_array(value, name: str, x_shape: tuple[int, ...], real: bool = False) -> None:
+    """Raises unless `value` (a mean or variance given to normalize) is a number or array broadcasting to x."""
+    if (
+        value is None
+        or isinstance(value, str | bytes | list | tuple)
+        or not (isinstance(value, numbers.Number) or isinstance(value, jax.Array | np.ndarray | np.generic))
+    ):
+        raise TypeError(
+            f"`{name}` must be a number or an array broadcastable to x's shape {tuple(x_shape)}, got "
+            f"{_type_name(value)}. Pass e.g. `normjax.moments(x, axes, keepdims=True).{name}`."
+        )
+    _check_numeric(value, name)
+    if real and jnp.iscomplexobj(value):
+        raise TypeError(
+            f"`{name}` must be real (the variance of |x| is real), got dtype {jnp.result_type(value)}. "
+            f"Pass `jnp.abs(...) ** 2` statistics, e.g. `normjax.moments(x, axes, keepdims=True).var`."
+        )
+    shape = jnp.shape(value)
+    try:
+        broadcast = jnp.broadcast_shapes(shape, tuple(x_shape))
+    except ValueError:
+        broadcast = None
+    if broadcast != tuple(x_shape):
+        raise ValueError(
+            f"`{name}` of shape {shape} does not broadcast to x's shape {tuple(x_shape)} without changing it. "
+            f"Give it x's rank with size-1 reduced axes, e.g. `normjax.moments(x, axes, keepdims=True).{name}`."
         )
 
 
@@ -320,6 +484,14 @@ def check_axis_name(axis_name: AxisName, axis_index_groups) -> None:
             f"`axis_name`={axis_name!r} names no axis. Pass the name given to pmap/vmap/shard_map, e.g. "
             "`axis_name='batch'`, or `axis_name=None` for per-device statistics."
         )
+    for n in _axis_names(axis_name):
+        # JAX's collectives read an int as a positional axis of the array, not as a name.
+        if n is None or isinstance(n, numbers.Number) or not isinstance(n, Hashable):
+            raise TypeError(
+                f"`axis_name` must be a name (a string) or a tuple of names, got {axis_name!r} (the entry {n!r} "
+                f"of type {_type_name(n)} is not a name). Pass the name given to pmap/vmap/shard_map, e.g. "
+                "`axis_name='batch'`, or `axis_name=None` for per-device statistics."
+            )
     size = _axis_size(axis_name)
     if axis_index_groups is None:
         return
@@ -330,4 +502,117 @@ def check_axis_name(axis_name: AxisName, axis_index_groups) -> None:
             f"`axis_index_groups`={axis_index_groups!r} must split the {size} indices of axis "
             f"{axis_name!r} into groups of equal size, each index exactly once "
             f"(e.g. {[list(range(i, i + half)) for i in range(0, size, half)]})."
+        )
+
+
+def synchronized_size(axis_name: AxisName, axis_index_groups) -> int:
+    """How many devices each statistic is reduced over: the size of `axis_name`, or of one of its index groups.
+
+    Static (``jax.lax.axis_size``) under pmap, vmap and shard_map; raises as :func:`check_axis_name` does.
+    """
+    check_axis_name(axis_name, axis_index_groups)
+    if axis_name is None:
+        return 1
+    size = _axis_size(axis_name)
+    groups = _index_groups(axis_index_groups) if axis_index_groups is not None else None
+    return len(groups[0]) if groups else size
+
+
+def check_several_values(
+    shape: tuple[int, ...],
+    reduction_axes: tuple[int, ...],
+    axis_name: AxisName,
+    axis_index_groups,
+    norm: str,
+    fix: str,
+    empty_only: bool = False,
+) -> None:
+    """Raises when each statistic of `norm` would see exactly one value (its output would be 0, or ±1 for RMS).
+
+    The count is static: the reduced axes of `shape` times the devices of `axis_name`. A mask can only lower it,
+    so it is not needed here. Zero values (an empty input) are not refused: there is nothing to normalize.
+    With `empty_only` only an empty set of reduced axes counts (LayerNorm and RMSNorm over size-1 axes are
+    accepted, as in PyTorch and Flax); otherwise any single value does (as PyTorch's GroupNorm and
+    InstanceNorm refuse it).
+    """
+    per_device = 1
+    for a in reduction_axes:
+        per_device *= shape[a]
+    if per_device != 1 or (empty_only and reduction_axes):
+        return
+    devices = synchronized_size(axis_name, axis_index_groups)
+    if devices != 1:
+        return
+    over = f"axes {reduction_axes}" if reduction_axes else "no axis"
+    synced = f", on the single device of `axis_name`={axis_name!r}" if axis_name is not None else ""
+    raise ValueError(
+        f"{norm} would compute each statistic from a single value (input shape {tuple(shape)}, statistics over "
+        f"{over}{synced}): the variance is 0 and the output would be degenerate (0, or the bias). {fix}"
+    )
+
+
+def check_batch_norm_values(
+    shape: tuple[int, ...], reduction_axes: tuple[int, ...], mask, axis_name: AxisName, axis_index_groups,
+    allow_single_value: bool,
+) -> None:  # fmt: skip
+    """Raises when BatchNorm in training would see one value per feature, known at trace time.
+
+    Known when there is no mask (a mask decides the count at run time) and the devices of `axis_name` (static
+    under pmap, vmap and shard_map) do not add values: a batch of one under ``vmap(..., axis_name=)`` of size
+    one is refused like a batch of one without synchronization.
+    """
+    if allow_single_value or mask is not None:
+        return
+    per_device = 1
+    for a in reduction_axes:
+        per_device *= shape[a]
+    devices = synchronized_size(axis_name, axis_index_groups)
+    if per_device != 1 or devices != 1:
+        return
+    every_axis = "" if reduction_axes else " (`axis` makes every axis a feature axis, the batch axis too)"
+    synced = f", on the single device of `axis_name`={axis_name!r}" if axis_name is not None else ""
+    raise ValueError(
+        f"batch_norm in training got one value per feature (input shape {tuple(shape)}, statistics over "
+        f"axes {reduction_axes}{every_axis}{synced}): the batch variance is 0 and the output would be all zeros. "
+        "Train with more than one example per feature, synchronize over devices with `axis_name=...`, or "
+        "pass `allow_single_value=True` (the Flax layers do so during initialization)."
+    )
+
+
+ONE_VALUE_FIX = {
+    "layer_norm": "`axis=()` reduces nothing: pass the axes to normalize over, e.g. `axis=-1`.",
+    "rms_norm": "`axis=()` reduces nothing: pass the axes to normalize over, e.g. `axis=-1`.",
+    "group_norm": (
+        "Use fewer groups (`num_groups`) or a larger `group_size`, or an input with spatial axes (e.g. (N, H, W, "
+        "C)); for an (N, C) input with one channel per group use layer_norm or batch_norm."
+    ),
+    "instance_norm": (
+        "InstanceNorm reduces the axes other than the batch (axis 0) and the channel `axis`, so it needs spatial "
+        "axes with more than one element (e.g. (N, H, W, C)), as in PyTorch; for an (N, C) input use layer_norm "
+        "or batch_norm."
+    ),
+}
+
+
+def check_norm_values(
+    norm: str, shape: tuple[int, ...], reduction_axes: tuple[int, ...], axis_name: AxisName, axis_index_groups
+) -> None:
+    """:func:`check_several_values` for the per-example norms, with the fix that suits each."""
+    empty_only = norm in ("layer_norm", "rms_norm")
+    check_several_values(shape, reduction_axes, axis_name, axis_index_groups, norm, ONE_VALUE_FIX[norm], empty_only)
+
+
+def check_ghost_batch_options(virtual_batch_size, axis_name: AxisName, renorm_clipping) -> None:
+    """Raises when Ghost BatchNorm (`virtual_batch_size`) is combined with an option it cannot serve."""
+    if virtual_batch_size is None:
+        return
+    if axis_name is not None:
+        raise ValueError(
+            "`virtual_batch_size` splits each device's local batch into virtual batches normalized on their own, "
+            "so it cannot be combined with `axis_name`. For virtual batches that span devices use "
+            "`axis_name` with `axis_index_groups` instead."
+        )
+    if renorm_clipping is not None:
+        raise ValueError(
+            "`renorm_clipping` and `virtual_batch_size` cannot be combined; choose one (pass None for the other)."
         )

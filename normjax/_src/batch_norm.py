@@ -100,8 +100,17 @@ def batch_norm(
     """
     axes_lib.check_inexact(x)
     axes_lib.check_static_bool(training, "training")
+    # -- argument checks (axes.py) --
+    axes_lib.check_static_bool(unbiased_running_var, "unbiased_running_var")
+    axes_lib.check_static_bool(skip_nonfinite, "skip_nonfinite")
+    axes_lib.check_static_bool(allow_single_value, "allow_single_value")
+    if training:  # evaluation does not synchronize, so it needs no bound axis
+        axes_lib.check_ghost_batch_options(virtual_batch_size, axis_name, renorm_clipping)
+        axes_lib.check_axis_name(axis_name, axis_index_groups)
+    axes_lib.check_real_output(x.dtype, scale=scale, bias=bias)
+    # -- end of argument checks --
     axes_lib.check_momentum(momentum)
-    axes_lib.check_epsilon(epsilon)
+    axes_lib.check_epsilon(epsilon, x.dtype)
     ndim = jnp.ndim(x)
     feature_axes = axes_lib.canonicalize_axes(axis, ndim, "axis")
     feature_shape = tuple(x.shape[a] for a in feature_axes)
@@ -127,7 +136,7 @@ def batch_norm(
         )  # fmt: skip
 
     reduction_axes = axes_lib.complement(feature_axes, ndim)
-    _check_enough_values(x.shape, reduction_axes, mask, axis_name, allow_single_value)
+    axes_lib.check_batch_norm_values(x.shape, reduction_axes, mask, axis_name, axis_index_groups, allow_single_value)
     y, stats = standardize(
         x, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes, epsilon=epsilon, mask=mask,
         axis_name=axis_name, axis_index_groups=axis_index_groups, renorm=_renorm(state, renorm_clipping),
@@ -139,24 +148,11 @@ def batch_norm(
         squeeze(stats.var),
         squeeze(stats.count),
         momentum=momentum,
+        epsilon=epsilon,
         unbiased_running_var=unbiased_running_var,
         skip_nonfinite=skip_nonfinite,
     )
     return y, new_state
-
-
-def _check_enough_values(shape, reduction_axes, mask, axis_name, allow_single_value) -> None:
-    per_feature = 1
-    for a in reduction_axes:
-        per_feature *= shape[a]
-    if per_feature == 1 and mask is None and axis_name is None and not allow_single_value:
-        every_axis = "" if reduction_axes else " (`axis` makes every axis a feature axis, the batch axis too)"
-        raise ValueError(
-            f"batch_norm in training got one value per feature (input shape {tuple(shape)}, statistics over "
-            f"axes {reduction_axes}{every_axis}): the batch variance is 0 and the output would be all zeros. "
-            "Train with more than one example per feature, synchronize over devices with `axis_name=...`, or "
-            "pass `allow_single_value=True` (the Flax layers do so during initialization)."
-        )
 
 
 def _renorm(state: BatchNormState, renorm_clipping) -> Renorm | None:
@@ -172,38 +168,27 @@ def _unbiased(var, count):
     return var * jnp.where(count > 1, count / jnp.maximum(count - 1, 1), 1.0)
 
 
-def _update_state(state, mean, var, count, *, momentum, unbiased_running_var, skip_nonfinite):
+def _update_state(state, mean, var, count, *, momentum, epsilon, unbiased_running_var, skip_nonfinite):
     if unbiased_running_var:
         var = _unbiased(var, count)
     keep = count == 0
     if skip_nonfinite:
         keep = keep | ~(jnp.isfinite(mean) & jnp.isfinite(var))
-    return ema_update(state, mean, var, keep, momentum=momentum)
+    return ema_update(state, mean, var, keep, momentum=momentum, epsilon=epsilon)
 
 
 def _ghost_batch_norm(
     x, state, scale, bias, *, feature_axes, momentum, epsilon, axis_name, mask, unbiased_running_var,
     skip_nonfinite, allow_single_value, virtual_batch_size, renorm_clipping,
 ):  # fmt: skip
-    if axis_name is not None:
-        raise ValueError(
-            "`virtual_batch_size` splits each device's local batch into virtual batches normalized on their own, "
-            "so it cannot be combined with `axis_name`. For virtual batches that span devices use "
-            "`axis_name` with `axis_index_groups` instead."
-        )
-    if renorm_clipping is not None:
-        raise ValueError("`renorm_clipping` and `virtual_batch_size` cannot be combined; choose one.")
     if 0 in feature_axes:
         raise ValueError(
             f"`virtual_batch_size` splits axis 0 (the batch axis), but `axis`={feature_axes} makes it a feature "
             "axis. Put the batch first."
         )
     batch = x.shape[0]
-    if not isinstance(virtual_batch_size, int) or virtual_batch_size < 1 or batch % virtual_batch_size:
-        raise ValueError(
-            f"`virtual_batch_size`={virtual_batch_size!r} must be a positive int that divides the batch size "
-            f"{batch} (axis 0 of x). Choose a divisor of {batch}, or pad the batch and mask the padding."
-        )
+    axes_lib.check_virtual_batch_size(virtual_batch_size, batch)
+    virtual_batch_size = int(virtual_batch_size)
     ghosts = batch // virtual_batch_size
     grouped_shape = (ghosts, virtual_batch_size) + x.shape[1:]
     xg = jnp.reshape(x, grouped_shape)
@@ -211,7 +196,7 @@ def _ghost_batch_norm(
     # Axis 0 now indexes virtual batches; statistics are per virtual batch and feature.
     grouped_features = tuple(a + 1 for a in feature_axes)
     reduction_axes = axes_lib.complement((0,) + grouped_features, xg.ndim)
-    _check_enough_values(xg.shape, reduction_axes, mask_g, None, allow_single_value)
+    axes_lib.check_batch_norm_values(xg.shape, reduction_axes, mask_g, None, None, allow_single_value)
     y, stats = standardize(
         xg, scale, bias, reduction_axes=reduction_axes, feature_axes=grouped_features, epsilon=epsilon, mask=mask_g
     )
@@ -228,6 +213,7 @@ def _ghost_batch_norm(
         average(var),
         count,
         momentum=momentum,
+        epsilon=epsilon,
         unbiased_running_var=False,
         skip_nonfinite=skip_nonfinite,
     )

@@ -16,7 +16,9 @@ Nothing here computes a statistic or normalizes: that is :func:`normjax.batch_no
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +31,29 @@ from normjax._src.state import BatchNormState
 #: The dtype the layers create running statistics in, whatever ``param_dtype`` or ``force_float32_reductions``.
 RUNNING_STATS_DTYPE = jnp.float32
 
+_freeze = threading.local()
+
+
+@contextlib.contextmanager
+def linen_freeze_active() -> Iterator[None]:
+    """Marks (per thread) that :func:`normjax.freeze_batch_norm`, which only reaches linen layers, is active."""
+    depth = getattr(_freeze, "depth", 0)
+    _freeze.depth = depth + 1
+    try:
+        yield
+    finally:
+        _freeze.depth = depth
+
+
+def refuse_nnx_call_inside_linen_freeze(training: bool) -> None:
+    """Raises when an nnx BatchNorm would update its statistics inside ``freeze_batch_norm()`` (linen only)."""
+    if training and getattr(_freeze, "depth", 0):
+        raise RuntimeError(
+            "an nnx BatchNorm was called in training mode inside `normjax.freeze_batch_norm()`, which freezes "
+            "flax.linen layers only (nnx has no method interception), so its statistics would keep updating. "
+            "Freeze nnx models with `normjax.freeze_batch_norm_nnx(model)` (or `model.eval()`) instead."
+        )
+
 
 def output_dtype(*arrays: jax.Array | None, dtype=None) -> jnp.dtype:
     """Flax's output dtype for a normalization layer: ``dtype`` if given, else the promoted dtype of ``arrays``.
@@ -36,10 +61,12 @@ def output_dtype(*arrays: jax.Array | None, dtype=None) -> jnp.dtype:
     This is ``flax.linen.dtypes.canonicalize_dtype``: ``None`` entries are ignored and a non-inexact result is
     promoted to floating point, so a bfloat16 input with float32 parameters gives a float32 output.
     """
+    check_input(arrays[0])
     if dtype is None:
         dtype = jnp.result_type(*(a for a in arrays if a is not None))
         if not jnp.issubdtype(dtype, jnp.inexact):
             dtype = jnp.promote_types(jnp.float32, dtype)
+    axes_lib.check_float_dtype(dtype, "dtype", "the layer's output dtype")
     dtype = jnp.dtype(dtype)
     if not jnp.issubdtype(dtype, jnp.inexact):
         raise ValueError(
@@ -54,6 +81,12 @@ def bool_mask(mask) -> jax.Array | None:
     return None if mask is None else jnp.asarray(mask, bool)
 
 
+def check_input(x) -> None:
+    """Flax's layers take anything ``jnp.asarray`` takes; a torch tensor gets the core's message on converting it."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):
+        axes_lib.check_inexact(x)
+
+
 def widen(x, out_dtype) -> jax.Array:
     """``x`` in the promotion of its dtype and the output dtype: exact (a wider float, or an integer input made
     floating, as Flax accepts), so the core computes in >= float32 and rounds once, to the output dtype."""
@@ -64,6 +97,66 @@ def widen(x, out_dtype) -> jax.Array:
 def feature_shape(shape: Sequence[int], axes: axes_lib.Axes, name: str) -> tuple[int, ...]:
     """The shape of a per-feature parameter: ``shape`` along the (sorted, non-negative) axes ``axes``."""
     return tuple(shape[a] for a in axes_lib.canonicalize_axes(axes, len(shape), name))
+
+
+def check_running_stats(mean, var, shape: tuple[int, ...], names: tuple[str, str], fix: str) -> None:
+    """Raises, naming the layer's variables, when the running statistics do not have the feature shape.
+
+    A layer's running statistics come from its own initialization or from a checkpoint; a mismatch means the
+    checkpoint (or the layer's construction) was for another input size, which the core's `state` message
+    would not say.
+    """
+    for name, value in zip(names, (mean, var), strict=True):
+        got = jnp.shape(value)
+        if tuple(got) != tuple(shape):
+            raise ValueError(
+                f"the running statistic `{name}` has shape {tuple(got)}, but this input needs {tuple(shape)} (one "
+                f"value per feature). {fix}"
+            )
+
+
+def check_num_features(num_features, layer: str) -> None:
+    """Raises unless an nnx layer's `num_features` is a positive int."""
+    if not axes_lib._is_int(num_features) or num_features < 1:
+        raise TypeError(
+            f"`num_features` of nnx {layer} must be a positive int (the size of the feature axis), got "
+            f"{num_features!r}. Pass e.g. `{layer}(64, rngs=nnx.Rngs(0))` for 64 channels."
+        )
+
+
+def check_input_features(x, axes, axes_name: str, num_features: int, layer: str) -> None:
+    """Raises when the input's feature axis does not hold `num_features` elements (nnx layers fix it at build)."""
+    check_input(x)
+    x_shape = jnp.shape(x)
+    if not axes_lib._is_int(axes):
+        return  # several feature axes: their shapes are checked against the parameters by the core
+    (axis,) = axes_lib.canonicalize_axes(axes, len(x_shape), axes_name)
+    if x_shape[axis] != num_features:
+        raise ValueError(
+            f"nnx {layer} was built with `num_features`={num_features}, but the input has {x_shape[axis]} features "
+            f"along `{axes_name}`={axes!r} (input shape {tuple(x_shape)}). Build the layer with "
+            f"`num_features={x_shape[axis]}`, or check `{axes_name}`."
+        )
+
+
+def check_several_values(
+    shape: tuple[int, ...], reduction_axes, axis_name, axis_index_groups, *, layer: str, initializing: bool
+) -> None:
+    """A layer's one-value-per-statistic check: the core's, but naming the layer's ``reduction_axes``."""
+    if initializing and axis_name is not None:
+        return  # not synchronized during init; the training call decides
+    axes = axes_lib.canonicalize_axes(reduction_axes, len(shape), "reduction_axes")
+    axes_lib.check_several_values(
+        shape,
+        axes,
+        None if initializing else axis_name,
+        None if initializing else axis_index_groups,
+        layer,
+        axes_lib.ONE_VALUE_FIX["instance_norm"]
+        if layer == "InstanceNorm"
+        else "Check `reduction_axes` (and `feature_axes`): they must reduce axes holding more than one element.",
+        empty_only=layer in ("LayerNorm", "RMSNorm"),
+    )
 
 
 def _running_state(mean: jax.Array, var: jax.Array, x_dtype) -> BatchNormState:
@@ -103,15 +196,28 @@ def apply_batch_norm(
     skip_nonfinite: bool,
     virtual_batch_size: int | None,
     renorm_clipping: tuple[float, float] | None,
+    stats_names: tuple[str, str] = ("batch_stats/mean", "batch_stats/var"),
+    stats_fix: str = "",
 ) -> tuple[jax.Array, BatchNormState | None]:
     """A BatchNorm layer's call: returns ``(y, new_running_stats)``, the latter ``None`` when nothing is written.
 
     In training during initialization the batch statistics are used without synchronization, ghost batches or
     renormalization, a batch of one is allowed, and the running statistics are left untouched (as in Flax):
-    ``model.init(key, x)`` needs no bound ``axis_name`` and any init batch will do.
+    ``model.init(key, x)`` needs no bound ``axis_name`` and any init batch will do. ``stats_names`` and
+    ``stats_fix`` phrase a shape mismatch of the running statistics in the layer's own terms.
     """
+    axes_lib.check_static_bool(use_running_average, "use_running_average")
     out = output_dtype(x, scale, bias, dtype=dtype)
     x = widen(x, out)
+    check_running_stats(
+        running_mean,
+        running_var,
+        feature_shape(x.shape, axis, "axis"),
+        stats_names,
+        stats_fix
+        or "The checkpoint (or `variables`) was made for an input with another number of features along `axis`; "
+        "restore the matching checkpoint, or re-initialize the layer with `model.init` on this input.",
+    )
     state = _running_state(running_mean, running_var, x.dtype)
     shared = dict(epsilon=epsilon, axis=axis)
     if use_running_average:
@@ -146,6 +252,7 @@ def apply_standardize(
     dtype,
     initializing: bool = False,
     centered: bool = True,
+    layer: str = "LayerNorm",
 ) -> jax.Array:
     """LayerNorm / RMSNorm (``centered=False``) / InstanceNorm: per-example statistics, Flax's axes and dtypes.
 
@@ -154,8 +261,10 @@ def apply_standardize(
     """
     sync = not initializing
     out = output_dtype(x, scale, bias, dtype=dtype)
+    x = widen(x, out)
+    check_several_values(x.shape, reduction_axes, axis_name, axis_index_groups, layer=layer, initializing=initializing)
     return standardize(
-        widen(x, out),
+        x,
         scale,
         bias,
         reduction_axes=reduction_axes,
@@ -240,6 +349,9 @@ def apply_group_norm(
         axes_lib.check_mask(mask, x.shape)
         mask = jnp.broadcast_to(mask, x.shape)
     grouped_shape = x.shape[:-1] + (groups, channels // groups)
+    check_several_values(
+        grouped_shape, spatial + (ndim,), axis_name, axis_index_groups, layer="GroupNorm", initializing=initializing
+    )
     regroup = lambda a: None if a is None else jnp.reshape(a, grouped_shape)  # noqa: E731
     per_group = lambda p: None if p is None else jnp.reshape(p, grouped_shape[-2:])  # noqa: E731
     sync = not initializing

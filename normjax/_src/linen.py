@@ -215,7 +215,7 @@ class LayerNorm(nn.Module):
         return common.apply_standardize(
             x, scale, bias, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
             epsilon=self.epsilon, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-            dtype=self.dtype, initializing=self.is_initializing(),
+            dtype=self.dtype, initializing=self.is_initializing(), layer="LayerNorm",
         )  # fmt: skip
 
 
@@ -286,7 +286,7 @@ class RMSNorm(nn.Module):
         return common.apply_standardize(
             x, scale, None, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
             epsilon=self.epsilon, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-            dtype=self.dtype, initializing=self.is_initializing(), centered=False,
+            dtype=self.dtype, initializing=self.is_initializing(), centered=False, layer="RMSNorm",
         )  # fmt: skip
 
 
@@ -436,5 +436,5 @@ class InstanceNorm(nn.Module):
         return common.apply_standardize(
             x, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes, epsilon=self.epsilon,
             mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype,
-            initializing=self.is_initializing(),
+            initializing=self.is_initializing(), layer="InstanceNorm",
         )  # fmt: skip

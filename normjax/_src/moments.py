@@ -292,6 +292,8 @@ def moments(
     reduce_axes = axes_lib.canonicalize_axes(axes, jnp.ndim(x), "axes")
     axes_lib.check_mask(mask, jnp.shape(x))
     axes_lib.check_axis_name(axis_name, axis_index_groups)
+    axes_lib.check_static_bool(keepdims, "keepdims")  # argument check (axes.py)
+    axes_lib.check_static_bool(centered, "centered")  # argument check (axes.py)
     x = x.astype(axes_lib.stats_dtype(x.dtype))
     if mask is not None:
         mask = jnp.broadcast_to(mask, x.shape)

@@ -19,12 +19,19 @@ from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes, initializers
 from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
 
+from normjax._src import axes as axes_lib
 from normjax._src import layers_common as common
 
 _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 # Flax's defaults, made once (a call in a signature default is evaluated once anyway).
 _ZEROS_INIT = initializers.zeros_init()
 _ONES_INIT = initializers.ones_init()
+
+
+_STATS_FIX = (
+    "The layer's `num_features` (or a restored `nnx.state`) does not match the input: build the layer with "
+    "`num_features` equal to the input's size along `axis`, or restore a state saved for this layer."
+)
 
 
 def _param(use: bool, init: Initializer, num_features: int, param_dtype, rngs: nnx.Rngs, metadata):
@@ -132,6 +139,7 @@ class BatchNorm(nnx.Module):
         virtual_batch_size: int | None = None,
         renorm_clipping: tuple[float, float] | None = None,
     ):
+        common.check_num_features(num_features, "BatchNorm")
         feature_shape = (num_features,)
         self.mean = nnx.BatchStat(jnp.zeros(feature_shape, common.RUNNING_STATS_DTYPE))
         self.var = nnx.BatchStat(jnp.ones(feature_shape, common.RUNNING_STATS_DTYPE))
@@ -174,6 +182,9 @@ class BatchNorm(nnx.Module):
                 "(`bn(x, use_running_average=True)`), or set it with `model.train()` / `model.eval()`."
             ),
         )
+        common.check_input_features(x, self.axis, "axis", self.num_features, "BatchNorm")
+        axes_lib.check_static_bool(use_running_average, "use_running_average")
+        common.refuse_nnx_call_inside_linen_freeze(not use_running_average)
         running_mean, running_var = self.mean[...], self.var[...]
         x, mean, var, scale, bias = self.promote_dtype(
             (x, running_mean, running_var, _value(self.scale), _value(self.bias)), dtype=self.dtype
@@ -187,6 +198,7 @@ class BatchNorm(nnx.Module):
             axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, mask=mask, dtype=self.dtype,
             unbiased_running_var=self.unbiased_running_var, skip_nonfinite=self.skip_nonfinite,
             virtual_batch_size=self.virtual_batch_size, renorm_clipping=self.renorm_clipping,
+            stats_names=("mean", "var"), stats_fix=_STATS_FIX,
         )  # fmt: skip
         if new_state is not None:
             # Running statistics are not trained (as in Flax); `set_value` lets a real mean become complex.
@@ -267,6 +279,7 @@ class LayerNorm(nnx.Module):
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
+        common.check_num_features(num_features, "LayerNorm")
         self.scale = _param(use_scale, scale_init, num_features, param_dtype, rngs, scale_metadata)
         self.bias = _param(use_bias, bias_init, num_features, param_dtype, rngs, bias_metadata)
         self.num_features = num_features
@@ -292,11 +305,12 @@ class LayerNorm(nnx.Module):
         Returns:
           The normalized input, of ``x``'s shape.
         """
+        common.check_input_features(x, self.feature_axes, "feature_axes", self.num_features, "LayerNorm")
         x, scale, bias = self.promote_dtype((x, _value(self.scale), _value(self.bias)), dtype=self.dtype)
         return common.apply_standardize(
             x, scale, bias, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
             epsilon=self.epsilon, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-            dtype=self.dtype,
+            dtype=self.dtype, layer="LayerNorm",
         )  # fmt: skip
 
 
@@ -356,6 +370,7 @@ class RMSNorm(nnx.Module):
         rngs: nnx.Rngs,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
+        common.check_num_features(num_features, "RMSNorm")
         self.scale = _param(use_scale, scale_init, num_features, param_dtype, rngs, scale_metadata)
         self.num_features = num_features
         self.epsilon = epsilon
@@ -379,11 +394,12 @@ class RMSNorm(nnx.Module):
         Returns:
           The normalized input, of ``x``'s shape.
         """
+        common.check_input_features(x, self.feature_axes, "feature_axes", self.num_features, "RMSNorm")
         x, scale = self.promote_dtype((x, _value(self.scale)), dtype=self.dtype)
         return common.apply_standardize(
             x, scale, None, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
             epsilon=self.epsilon, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-            dtype=self.dtype, centered=False,
+            dtype=self.dtype, centered=False, layer="RMSNorm",
         )  # fmt: skip
 
 
@@ -450,6 +466,7 @@ class GroupNorm(nnx.Module):
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
+        common.check_num_features(num_features, "GroupNorm")
         self.feature_axis = -1
         self.num_groups = common.group_count(num_features, num_groups, group_size)
         self.group_size = num_features // self.num_groups
@@ -477,6 +494,7 @@ class GroupNorm(nnx.Module):
         Returns:
           The normalized input, of ``x``'s shape.
         """
+        common.check_input_features(x, -1, "axis", self.num_features, "GroupNorm")
         x, scale, bias = self.promote_dtype((x, _value(self.scale), _value(self.bias)), dtype=self.dtype)
         return common.apply_group_norm(
             x, scale, bias, num_groups=self.num_groups, group_size=None, reduction_axes=self.reduction_axes,
@@ -546,6 +564,7 @@ class InstanceNorm(nnx.Module):
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
+        common.check_num_features(num_features, "InstanceNorm")
         self.scale = _param(use_scale, scale_init, num_features, param_dtype, rngs, scale_metadata)
         self.bias = _param(use_bias, bias_init, num_features, param_dtype, rngs, bias_metadata)
         self.num_features = num_features
@@ -570,9 +589,11 @@ class InstanceNorm(nnx.Module):
         Returns:
           The normalized input, of ``x``'s shape.
         """
-        feature_axes, reduction_axes = common.instance_norm_axes(x.ndim, self.feature_axes)
+        feature_axes, reduction_axes = common.instance_norm_axes(jnp.ndim(x), self.feature_axes)
+        common.check_input_features(x, self.feature_axes, "feature_axes", self.num_features, "InstanceNorm")
         x, scale, bias = self.promote_dtype((x, _value(self.scale), _value(self.bias)), dtype=self.dtype)
         return common.apply_standardize(
             x, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes, epsilon=self.epsilon,
             mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype,
+            layer="InstanceNorm",
         )  # fmt: skip

@@ -50,13 +50,19 @@ def normalize(
       [[-1.0, -1.0], [1.0, 1.0]]
     """
     axes_lib.check_inexact(x)
-    axes_lib.check_epsilon(epsilon)
+    axes_lib.check_epsilon(epsilon, x.dtype)
     ndim = jnp.ndim(x)
     feature_axes = axes_lib.canonicalize_axes(feature_axes, ndim, "feature_axes")
     feature_shape = tuple(x.shape[a] for a in feature_axes)
     axes_lib.check_param(scale, feature_shape, "scale", f"the size of x's feature axes {feature_axes}")
     axes_lib.check_param(bias, feature_shape, "bias", f"the size of x's feature axes {feature_axes}")
+    # -- argument checks (axes.py) --
+    axes_lib.check_moment_array(mean, "mean", x.shape)
+    axes_lib.check_moment_array(var, "var", x.shape, real=True)
+    axes_lib.check_float_dtype(dtype)
+    # -- end of argument checks --
     out_dtype = axes_lib.output_dtype(x, dtype)
+    axes_lib.check_real_output(out_dtype, mean=mean, scale=scale, bias=bias)  # argument check (axes.py)
 
     compute_dtype = axes_lib.stats_dtype(jnp.result_type(x, mean))
     inv_std = jax.lax.rsqrt(jnp.asarray(var, jnp.finfo(compute_dtype).dtype) + epsilon)

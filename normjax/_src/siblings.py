@@ -53,6 +53,7 @@ def layer_norm(
     """
     axes_lib.check_inexact(x)
     axis = axes_lib.canonicalize_axes(axis, jnp.ndim(x), "axis")  # so errors name `axis`, not the core's `axes`
+    axes_lib.check_norm_values("layer_norm", x.shape, axis, axis_name, axis_index_groups)  # argument check (axes.py)
     return standardize(
         x,
         scale,
@@ -107,6 +108,7 @@ def rms_norm(
     """
     axes_lib.check_inexact(x)
     axis = axes_lib.canonicalize_axes(axis, jnp.ndim(x), "axis")  # so errors name `axis`, not the core's `axes`
+    axes_lib.check_norm_values("rms_norm", x.shape, axis, axis_name, axis_index_groups)  # argument check (axes.py)
     return standardize(
         x,
         scale,
@@ -176,6 +178,8 @@ def group_norm(
         mask = jnp.broadcast_to(mask, x.shape)
     grouped_shape = x.shape[:channel_axis] + (groups, channels // groups) + x.shape[channel_axis + 1 :]
     regroup = lambda a: None if a is None else jnp.reshape(a, grouped_shape)  # noqa: E731
+    grouped_reduction = axes_lib.complement((0, channel_axis), len(grouped_shape))
+    axes_lib.check_norm_values("group_norm", grouped_shape, grouped_reduction, axis_name, axis_index_groups)
     axes_lib.check_param(scale, (channels,), "scale", f"one value per channel along axis {channel_axis}")
     axes_lib.check_param(bias, (channels,), "bias", f"one value per channel along axis {channel_axis}")
     per_group = lambda p: None if p is None else jnp.reshape(p, (groups, channels // groups))  # noqa: E731
@@ -239,11 +243,13 @@ def instance_norm(
     axes_lib.check_inexact(x)
     ndim = jnp.ndim(x)
     channel_axis = axes_lib.canonicalize_channel_axis(axis, ndim, "instance_norm")
+    reduction_axes = axes_lib.complement((0, channel_axis), ndim)
+    axes_lib.check_norm_values("instance_norm", x.shape, reduction_axes, axis_name, axis_index_groups)  # (axes.py)
     return standardize(
         x,
         scale,
         bias,
-        reduction_axes=axes_lib.complement((0, channel_axis), ndim),
+        reduction_axes=reduction_axes,
         feature_axes=channel_axis,
         epsilon=epsilon,
         mask=mask,

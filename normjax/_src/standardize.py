@@ -92,7 +92,9 @@ def standardize(
     ``renorm``, Batch Renormalization's ``r`` and ``d`` (constants in the derivative) fold into the affine.
     """
     axes_lib.check_inexact(x)
-    axes_lib.check_epsilon(epsilon)
+    axes_lib.check_epsilon(epsilon, x.dtype)
+    axes_lib.check_static_bool(centered, "centered")
+    axes_lib.check_float_dtype(dtype)
     ndim = jnp.ndim(x)
     reduction_axes = axes_lib.canonicalize_axes(reduction_axes, ndim, "reduction_axes")
     feature_axes = axes_lib.canonicalize_axes(feature_axes, ndim, "feature_axes")
@@ -103,9 +105,9 @@ def standardize(
     axes_lib.check_axis_name(axis_name, axis_index_groups)
     groups = None if axis_index_groups is None else tuple(tuple(int(i) for i in g) for g in axis_index_groups)
     names = axis_name if axis_name is None or isinstance(axis_name, str) else tuple(axis_name)
-    spec = _Spec(
-        reduction_axes, feature_axes, bool(centered), names, groups, axes_lib.output_dtype(x, dtype), "generic"
-    )
+    out_dtype = axes_lib.output_dtype(x, dtype)
+    axes_lib.check_real_output(out_dtype, scale=scale, bias=bias)
+    spec = _Spec(reduction_axes, feature_axes, bool(centered), names, groups, out_dtype, "generic")
     if mask is not None:
         mask = jnp.broadcast_to(mask, x.shape)
     epsilon = jnp.asarray(epsilon, jnp.finfo(axes_lib.stats_dtype(x.dtype)).dtype)

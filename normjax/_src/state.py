@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from normjax._src import axes as axes_lib
 
 
 class BatchNormState(NamedTuple):
@@ -40,8 +41,15 @@ def init_batch_norm_state(features: int | Sequence[int], dtype=jnp.float32) -> B
       >>> normjax.init_batch_norm_state(3)
       BatchNormState(mean=Array([0., 0., 0.], dtype=float32), var=Array([1., 1., 1.], dtype=float32))
     """
-    # numbers.Integral: a NumPy integer (e.g. from np.prod or an array's shape arithmetic) is a size too.
-    shape = (int(features),) if isinstance(features, numbers.Integral) else tuple(int(f) for f in features)
+    shape = axes_lib.check_features(features)  # a NumPy integer (e.g. from np.prod) is a size too
+    axes_lib.check_float_dtype(dtype, "dtype", "the dtype of the running statistics")
+    if dtype is None or jnp.finfo(dtype).bits < 32:
+        raise TypeError(
+            f"`dtype` must be float32 or wider (or complex64 or wider), got {jnp.dtype(dtype)}: running statistics "
+            "in a narrower type stop updating (a step of weight 1 - momentum falls below its resolution). Keep "
+            "`dtype=jnp.float32` whatever the activation dtype; the statistics are computed in float32 anyway."
+        )
+    dtype = jax.dtypes.canonicalize_dtype(dtype)
     var_dtype = jnp.finfo(dtype).dtype if jnp.issubdtype(dtype, jnp.complexfloating) else dtype  # var is real
     return BatchNormState(mean=jnp.zeros(shape, dtype), var=jnp.ones(shape, var_dtype))
 
@@ -53,14 +61,40 @@ def ema_update(
     keep: jax.Array,
     *,
     momentum: float,
+    epsilon: float | None = None,
 ) -> BatchNormState:
     """``new = momentum * old + (1 - momentum) * batch`` where ``keep`` is False; the old value elsewhere.
 
     The update is computed in the state's dtype so the running statistics never drift to a lower precision.
+    Static hyperparameters are validated before tracing; a traced ``momentum`` outside [0, 1] (or NaN) or a
+    traced ``epsilon`` that is not positive and finite keeps the whole state, as a non-finite batch does.
     """
+    keep = keep | invalid_hyperparameters(momentum, epsilon)
 
     def update(old, new):
-        blended = momentum * old + (1.0 - momentum) * new.astype(old.dtype)
-        return jnp.where(keep, old, blended.astype(old.dtype))
+        blended = (momentum * old + (1.0 - momentum) * new.astype(old.dtype)).astype(old.dtype)
+        return jnp.where(keep, _sharded_like(old, blended), blended)
 
     return BatchNormState(mean=update(state.mean, mean), var=update(state.var, var))
+
+
+def _sharded_like(a: jax.Array, like: jax.Array) -> jax.Array:
+    """``a`` with ``like``'s explicit sharding: the running state follows the sharding of the new statistics (as in
+    Flax), and under explicit mesh axes ``jnp.where`` requires both branches sharded alike."""
+    sharding, target = jax.typeof(a).sharding, jax.typeof(like).sharding
+    explicit = getattr(target, "spec", None) is not None and any(entry is not None for entry in target.spec)
+    return jax.sharding.reshard(a, target) if explicit and sharding != target else a
+
+
+def invalid_hyperparameters(momentum, epsilon=None) -> jax.Array:
+    """True when ``momentum`` is outside [0, 1] or NaN, or ``epsilon`` is not positive and finite (a 0-d bool).
+
+    Static values were already refused by the argument checks, so this only ever fires for traced ones (e.g. a
+    hyperparameter sweep under ``vmap``); it is a constant for static ones, which XLA folds away.
+    """
+    momentum = jnp.asarray(momentum)
+    invalid = ~((momentum >= 0) & (momentum <= 1))  # comparisons with NaN are False
+    if epsilon is not None:
+        epsilon = jnp.asarray(epsilon)
+        invalid = invalid | ~((epsilon > 0) & jnp.isfinite(epsilon))
+    return invalid

@@ -14,6 +14,24 @@ Path = tuple[str, ...]
 PathSpec = str | Iterable[Any]
 
 
+def check_kinds(kinds: Any) -> None:
+    """Raises unless `kinds` is a collection of class names (a single string would match by substring)."""
+    if isinstance(kinds, str) or not isinstance(kinds, Collection) or not all(isinstance(k, str) for k in kinds):
+        raise TypeError(
+            f"`kinds` must be a collection of class names, got {kinds!r}. Pass e.g. `kinds=('BatchNorm',)`; "
+            "a single name must be wrapped in a tuple or list."
+        )
+
+
+def check_where(where: Any) -> None:
+    """Raises unless `where` is None or a predicate on module paths."""
+    if where is not None and not callable(where):
+        raise TypeError(
+            f"`where` must be a function of a module path (a tuple of names) returning a bool, or None; got "
+            f"{where!r}. Pass e.g. `where=lambda path: path[0] == 'backbone'`."
+        )
+
+
 def is_kind(obj: Any, kinds: Collection[str]) -> bool:
     """Whether `obj`'s class, or one of its base classes, has one of the names in `kinds`.
 

@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from normjax._src import axes as axes_lib
 from normjax._src.normalize import normalize
 from normjax._src.utils import _paths
 
@@ -62,9 +63,20 @@ def fold_batch_norm(
       Jacob et al., "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
       Inference", CVPR 2018 (section 3.2, batch normalization folding).
     """
+    for name, value in (("kernel", kernel), ("mean", mean), ("var", var)):
+        if value is None:
+            raise TypeError(f"`{name}` is required, got None. Pass the layer's `{name}` array.")
+        axes_lib.check_inexact(value, name)
+    if jnp.ndim(kernel) < 1:
+        raise ValueError(
+            f"`kernel` must have at least one axis (output features last), got a scalar of shape {jnp.shape(kernel)}."
+            " Pass the Dense kernel (in, out) or the Conv kernel (..., in, out)."
+        )
     out = jnp.shape(kernel)[-1]
     features = (out,)
     for name, value in (("bias", bias), ("scale", scale), ("bn_bias", bn_bias), ("mean", mean), ("var", var)):
+        if value is not None:
+            axes_lib.check_inexact(value, name)
         if value is not None and jnp.shape(value) != features:
             raise ValueError(
                 f"`{name}` must have shape {features} (one value per output feature, the last axis of `kernel` "
@@ -118,26 +130,47 @@ def fold_batch_norm_variables(
       >>> sorted(folded["params"]), folded["batch_stats"]
       (['Dense_0'], {})
     """
+    if not isinstance(variables, Mapping):
+        raise TypeError(
+            f"`variables` must be a mapping of collections ({{'params': ..., 'batch_stats': ...}}), got "
+            f"{type(variables).__name__}. Pass the variables of a linen model, e.g. `model.init(key, x)`."
+        )
     result = _copy_dicts(variables)
-    items = pairs.items() if isinstance(pairs, Mapping) else pairs
-    for layer_spec, bn_spec in items:
+    for layer_spec, bn_spec in _pairs(pairs):
         layer, bn = _paths.as_path(layer_spec), _paths.as_path(bn_spec)
         layer_params = _lookup(result, ("params", *layer))
         bn_params = _lookup(result, ("params", *bn), default={})
-        stats = _lookup(result, ("batch_stats", *bn))
         kernel, bias = fold_batch_norm(
-            layer_params["kernel"],
+            _lookup(result, ("params", *layer, "kernel")),
             layer_params.get("bias"),
             bn_params.get("scale"),
             bn_params.get("bias"),
-            stats["mean"],
-            stats["var"],
+            _lookup(result, ("batch_stats", *bn, "mean")),
+            _lookup(result, ("batch_stats", *bn, "var")),
             epsilon=epsilon,
         )
         layer_params.update(kernel=kernel, bias=bias)
         for collection in ("params", "batch_stats"):
             _remove(result, (collection, *bn))
     return result
+
+
+def _pairs(pairs) -> list[tuple[Any, Any]]:
+    """`pairs` as a list of (layer, batch_norm) path specs, or a TypeError naming `pairs`."""
+    items = list(pairs.items()) if isinstance(pairs, Mapping) else pairs
+    fix = "Pass e.g. `{'Conv_0': 'BatchNorm_0'}` or `[('block/Conv_0', 'block/BatchNorm_0')]`."
+    if isinstance(items, str) or not isinstance(items, Iterable):
+        raise TypeError(f"`pairs` must map each layer's path to its BatchNorm's path, got {pairs!r}. {fix}")
+    items = list(items)
+    for item in items:
+        if isinstance(item, str) or not isinstance(item, Iterable) or len(tuple(item)) != 2:
+            raise TypeError(f"`pairs` must hold (layer, batch_norm) path pairs, got the entry {item!r}. {fix}")
+        for spec in item:
+            if not isinstance(spec, str | tuple | list):
+                raise TypeError(
+                    f"`pairs` must hold module paths ('a/b' strings or tuples of names), got {spec!r}. {fix}"
+                )
+    return [tuple(item) for item in items]
 
 
 def _copy_dicts(tree):
@@ -156,9 +189,18 @@ def _lookup(tree, path, default=_MISSING):
             if default is not _MISSING:
                 return default
             available = sorted(node) if isinstance(node, Mapping) else []
+            if depth == 0:
+                fix = f"Pass `variables` with the {name!r} collection of the trained model."
+            elif name in ("kernel", "mean", "var"):
+                fix = (
+                    "Check `pairs`: each entry maps a Dense or Conv layer (with a 'kernel') to the BatchNorm after it "
+                    "(with 'batch_stats' 'mean' and 'var')."
+                )
+            else:
+                fix = "Check the module paths in `pairs`."
             raise KeyError(
                 f"no variables at {'/'.join(path)!r}: {'/'.join(path[:depth]) or 'the root'} has no entry {name!r} "
-                f"(it has {available}). Check the module paths in `pairs`."
+                f"(it has {available}). {fix}"
             )
         node = node[name]
     return node

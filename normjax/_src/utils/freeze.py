@@ -8,7 +8,9 @@ from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import jax
+import numpy as np
 
+from normjax._src import layers_common
 from normjax._src.utils import _paths
 
 _BATCH_NORM = ("BatchNorm",)
@@ -46,8 +48,16 @@ def freeze_batch_norm(
       ...     y, updates = model.apply(variables, x, mutable=["batch_stats"])
       >>> [round(float(v), 3) for v in y.ravel()], updates["batch_stats"]["mean"].tolist()
       ([1.0, 3.0], [0.0])
+
+    ``flax.nnx`` layers are not intercepted (nnx has no method interception): use
+    :func:`freeze_batch_norm_nnx` for them. normjax's nnx BatchNorm called inside this context raises a
+    ``RuntimeError`` saying so, rather than silently updating its statistics; Flax's own ``nnx.BatchNorm``
+    cannot be detected and is not frozen.
     """
     import flax.linen as nn
+
+    _paths.check_where(where)
+    _paths.check_kinds(kinds)
 
     def use_running_average(next_fun, args, kwargs, context):
         module = context.module
@@ -65,7 +75,7 @@ def freeze_batch_norm(
         finally:
             object.__setattr__(module, "use_running_average", previous)
 
-    with nn.intercept_methods(use_running_average):
+    with nn.intercept_methods(use_running_average), layers_common.linen_freeze_active():
         yield
 
 
@@ -108,6 +118,15 @@ def freeze_batch_norm_nnx(
       >>> model.layers[1].use_running_average
       True
     """
+    from flax import nnx
+
+    if not isinstance(model, nnx.Module):
+        raise TypeError(
+            f"`model` must be a flax.nnx.Module, got {type(model).__name__}. For a flax.linen model use the "
+            "context manager `with normjax.freeze_batch_norm(): model.apply(...)`."
+        )
+    _paths.check_where(where)
+    _paths.check_kinds(kinds)
     frozen = []
     for path in _paths.nnx_module_paths(model, lambda node: _paths.is_kind(node, kinds)):
         if where is None or where(path):
@@ -144,6 +163,22 @@ def stop_gradient_where(tree: Any, mask: Any) -> Any:
       >>> {k: float(v) for k, v in jax.grad(loss)(params).items()}
       {'kernel': 3.0, 'scale': 0.0}
     """
-    return jax.tree.map(
-        lambda selected, subtree: jax.tree.map(jax.lax.stop_gradient, subtree) if selected else subtree, mask, tree
-    )
+    for path, selected in jax.tree_util.tree_leaves_with_path(mask):
+        if not isinstance(selected, bool | np.bool_):
+            raise TypeError(
+                f"`mask` must hold Python bools, got {selected!r} of type {type(selected).__name__} at "
+                f"{jax.tree_util.keystr(path) or 'the root'}. Build it with `normjax.norm_params_mask(params)` or "
+                "`jax.tree.map(lambda _: False, params)`."
+            )
+    try:
+        return jax.tree.map(
+            lambda selected, subtree: jax.tree.map(jax.lax.stop_gradient, subtree) if selected else subtree,
+            mask,
+            tree,
+        )
+    except ValueError as error:
+        raise ValueError(
+            f"`mask` must have the structure of `tree` (or of a prefix of it): {jax.tree.structure(mask)} does not "
+            f"match {jax.tree.structure(tree)}. Build the mask from the same tree, e.g. "
+            f"`normjax.norm_params_mask(params)`. ({error})"
+        ) from None

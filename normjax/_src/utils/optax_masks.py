@@ -8,6 +8,7 @@ from collections.abc import Collection, Iterable
 from typing import Any
 
 import jax
+import numpy as np
 
 from normjax._src.utils import _paths
 
@@ -47,6 +48,7 @@ def find_norm_modules(
     """
     from flax import nnx
 
+    _paths.check_kinds(kinds)
     select = functools.partial(_paths.is_kind, kinds=kinds)
     if isinstance(model, nnx.Module):
         return sorted(_paths.nnx_module_paths(model, select))
@@ -152,6 +154,11 @@ def weight_decay_mask(
       >>> normjax.weight_decay_mask(params, decay_biases=False)["Dense_0"]
       {'bias': False, 'kernel': True}
     """
+    if not isinstance(decay_biases, bool | np.bool_):
+        raise TypeError(
+            f"`decay_biases` must be a bool, got {decay_biases!r} of type {type(decay_biases).__name__}. Pass "
+            "`decay_biases=False` to leave every bias undecayed."
+        )
     norm = norm_params_mask(params, modules=modules, pattern=pattern)
 
     def decay(key_path, is_norm):
@@ -168,7 +175,23 @@ def _module_selector(modules, pattern):
                 f"`modules` must be a collection of module paths, got the single string {modules!r}. "
                 f"Wrap it in a list: modules=[{modules!r}]."
             )
+        if not isinstance(modules, Iterable) or not all(isinstance(m, str | tuple | list) for m in modules):
+            raise TypeError(
+                f"`modules` must be a collection of module paths ('a/b' strings or tuples of names), got "
+                f"{modules!r}. Pass e.g. `modules=normjax.find_norm_modules(model, x)`."
+            )
         wanted = {_paths.as_path(m) for m in modules}
         return lambda module_path: module_path in wanted
-    compiled = re.compile(pattern)
+    if not isinstance(pattern, str):
+        raise TypeError(
+            f"`pattern` must be a regular expression string, got {pattern!r}. Pass e.g. `pattern=r'bn\\d*'`, or "
+            "the layers' paths as `modules=...`."
+        )
+    try:
+        compiled = re.compile(pattern)
+    except re.error as error:
+        raise ValueError(
+            f"`pattern`={pattern!r} is not a valid regular expression ({error}). Fix it, or pass the norm layers' "
+            "paths as `modules=...` instead."
+        ) from None
     return lambda module_path: bool(module_path) and compiled.fullmatch(module_path[-1]) is not None

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import math
+import numbers
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from normjax._src.utils import _paths
 
@@ -18,6 +22,7 @@ def precise_batch_stats(
     *,
     variance: Literal["pooled", "mean"] = "pooled",
     batch_size: Callable[[Any], int] | None = None,
+    return_counts: bool = False,
 ) -> Any:
     r"""Recomputes every BatchNorm's running statistics as population statistics over ``batches``.
 
@@ -40,10 +45,18 @@ def precise_batch_stats(
     parallel update, stable in float32. Variances are taken as the layers store them (biased for Flax; with
     ``unbiased_running_var`` the per-batch correction is kept).
 
-    How: before each batch the running statistics are set to zero, so a layer with momentum :math:`m` stores
-    :math:`(1 - m)\,\mu_i` and :math:`(1 - m)\,\sigma_i^2`, which are divided by :math:`1 - m` (read from the
-    layers while tracing ``apply_fn`` once). Layers whose training output depends on their running statistics
-    (Batch Renormalization) should be recomputed with that option off.
+    How: before each batch the running mean is set to zero and the running variance to a marker no update
+    can produce (:math:`-t`, minus the smallest normal number of its dtype), so a layer with momentum :math:`m`
+    stores :math:`(1 - m)\,\mu_i` and :math:`(1 - m)\,\sigma_i^2` (up to :math:`m t`, far below float32
+    resolution), which are divided by :math:`1 - m` (read from the layers while tracing ``apply_fn`` once).
+    Layers whose training output depends on their running statistics (Batch Renormalization) should be
+    recomputed with that option off.
+
+    Skipped batches contribute nothing: a feature whose layer kept its running statistics for a batch (an
+    empty or all-masked batch, or non-finite batch statistics with normjax's ``skip_nonfinite``) still holds
+    the marker afterwards, and that batch is left out of that feature's statistics (and of its weight); so is
+    a batch whose statistics are NaN or infinite (a layer that does not skip them, such as Flax's).
+    A feature that no batch updated keeps its value from ``variables``, with a ``RuntimeWarning``.
 
     Args:
       apply_fn: ``apply_fn(variables, batch) -> batch_stats``: one training-mode forward pass returning the
@@ -54,9 +67,12 @@ def precise_batch_stats(
       variance: ``"pooled"`` or ``"mean"``, see above.
       batch_size: ``batch_size(batch) -> int``, each batch's weight; default: the size of the leading axis of
         the batch's first leaf.
+      return_counts: also return, per statistic and feature, how many batches were used.
 
     Returns:
-      The recomputed ``batch_stats`` tree, same structure and dtypes as ``variables["batch_stats"]``.
+      The recomputed ``batch_stats`` tree, same structure and dtypes as ``variables["batch_stats"]``; with
+      ``return_counts``, the pair ``(batch_stats, counts)`` where ``counts`` has the same structure and holds
+      the number of batches (int32, per feature) that entered each statistic.
 
     Example:
       >>> import flax.linen as nn, jax.numpy as jnp
@@ -69,29 +85,120 @@ def precise_batch_stats(
       >>> round(float(stats["mean"][0]), 4), round(float(stats["var"][0]), 4)
       (5.0, 11.6667)
 
+      A batch the layer skips (here an empty one with normjax's layer) is left out and not counted:
+
+      >>> from normjax import linen as njn
+      >>> model = njn.BatchNorm(use_running_average=False)
+      >>> apply_fn = lambda v, b: model.apply(v, b, mutable=["batch_stats"])[1]["batch_stats"]
+      >>> stats, counts = normjax.precise_batch_stats(
+      ...     apply_fn, variables, batches + [jnp.zeros((0, 1))], return_counts=True)
+      >>> round(float(stats["mean"][0]), 4), counts["mean"].tolist()
+      (5.0, [2])
+
     References:
       Wu & Johnson, "Rethinking 'Batch' in BatchNorm", arXiv:2105.07576, 2021. fvcore ``update_bn_stats``.
     """
     if variance not in ("pooled", "mean"):
         raise ValueError(f"`variance` must be 'pooled' or 'mean', got {variance!r}.")
-    if "batch_stats" not in variables:
-        raise ValueError(
-            f"`variables` has no 'batch_stats' collection (it has {sorted(variables)}); precise statistics need "
-            "a model with BatchNorm layers."
+    if not callable(apply_fn):
+        raise TypeError(
+            f"`apply_fn` must be a function `apply_fn(variables, batch) -> batch_stats`, got {type(apply_fn).__name__}."
+            ' Pass e.g. `lambda v, b: model.apply(v, b, train=True, mutable=["batch_stats"])[1]["batch_stats"]`.'
         )
+    if not isinstance(variables, Mapping) or "batch_stats" not in variables:
+        have = sorted(variables) if isinstance(variables, Mapping) else type(variables).__name__
+        raise ValueError(
+            f"`variables` has no 'batch_stats' collection (it has {have}); precise statistics need the variables "
+            "of a model with BatchNorm layers: pass e.g. `model.init(key, x)`."
+        )
+    if batch_size is not None and not callable(batch_size):
+        raise TypeError(
+            f"`batch_size` must be a function `batch_size(batch) -> int` (or None), got {batch_size!r}. Pass e.g. "
+            "`batch_size=lambda batch: batch['image'].shape[0]`."
+        )
+    try:
+        batches = iter(batches)
+    except TypeError:
+        raise TypeError(
+            f"`batches` must be an iterable of inputs for `apply_fn`, got {type(batches).__name__}. Pass e.g. a "
+            "list of arrays or `itertools.islice(loader, 200)`."
+        ) from None
     batch_size = _leading_size if batch_size is None else batch_size
-    zeroed = {**variables, "batch_stats": jax.tree.map(jnp.zeros_like, variables["batch_stats"])}
+    template = variables["batch_stats"]
+    markers = jax.tree_util.tree_map_with_path(_marker, template)
+    marked = {**variables, "batch_stats": markers}
     total = None
     for batch in batches:
         if total is None:
-            retention = _retention_tree(apply_fn, zeroed, batch)
-        stored = apply_fn(zeroed, batch)
-        count = jnp.asarray(batch_size(batch), jnp.float32)
+            retention = _retention_tree(apply_fn, marked, batch)
+            total = _empty(template)
+        stored = apply_fn(marked, batch)
+        if jax.tree.structure(stored) != jax.tree.structure(template):
+            raise ValueError(
+                "`apply_fn` must return the updated 'batch_stats' collection, of the structure of "
+                f"`variables['batch_stats']` ({jax.tree.structure(template)}), got {jax.tree.structure(stored)}. "
+                'Return `model.apply(v, b, train=True, mutable=["batch_stats"])[1]["batch_stats"]`.'
+            )
         stats = _batch_statistics(stored, retention)
-        total = _single(count, stats) if total is None else _merge(total, _single(count, stats))
+        weight = _weight(batch_size(batch))
+        total = _merge(total, _single(weight, _used(stored, markers, stats), stats))
     if total is None:
         raise ValueError("`batches` is empty: precise statistics need at least one batch.")
-    return _finish(total, variables["batch_stats"], variance)
+    result, counts = _finish(total, template, variance)
+    return (result, counts) if return_counts else result
+
+
+def _marker(key_path, leaf):
+    """What a statistic is set to before each batch: 0 for means, a negative variance no update can produce."""
+    leaf = jnp.asarray(leaf)
+    if _paths.leaf_path(key_path)[-1:] == ("var",) and jnp.issubdtype(leaf.dtype, jnp.floating):
+        return jnp.full(leaf.shape, -jnp.finfo(leaf.dtype).tiny, leaf.dtype)
+    return jnp.zeros_like(leaf)
+
+
+def _used(stored, markers, stats):
+    """Per leaf and feature: whether the batch enters the statistics of the layer holding the leaf.
+
+    It does where the layer updated its statistics (its variance no longer holds the marker: a layer keeps its
+    statistics bit for bit when it skips a feature, while an update ``m * (-t) + (1 - m) * var`` with
+    ``var >= 0`` and ``m < 1`` is above ``-t``) and they are finite (a layer that does not skip non-finite
+    batches, such as Flax's, stores NaN or inf there).
+    """
+
+    def used(key_path, _):
+        module = _paths.leaf_path(key_path)[:-1]
+        var, marker = _lookup(stored, module + ("var",)), _lookup(markers, module + ("var",))
+        if var is None or marker is None:
+            return None
+        updated = jnp.asarray(var) != jnp.asarray(marker).astype(jnp.result_type(var))
+        for name in ("mean", "var"):
+            value = _lookup(stats, module + (name,))
+            if value is not None:
+                updated = updated & jnp.isfinite(value)
+        return updated
+
+    return jax.tree_util.tree_map_with_path(used, stored)
+
+
+def _lookup(tree, path):
+    for name in path:
+        if not isinstance(tree, Mapping) or name not in tree:
+            return None
+        tree = tree[name]
+    return tree
+
+
+def _weight(size) -> jax.Array:
+    if isinstance(size, bool | np.bool_) or not (
+        isinstance(size, numbers.Real) or (hasattr(size, "dtype") and jnp.ndim(size) == 0)
+    ):
+        raise TypeError(
+            f"`batch_size(batch)` must return a non-negative number (the batch's weight), got {size!r}. Return "
+            "e.g. `batch['image'].shape[0]`."
+        )
+    if not 0 <= float(size) < math.inf:
+        raise ValueError(f"`batch_size(batch)` must return a non-negative, finite number, got {size!r}.")
+    return jnp.asarray(size, jnp.float32)
 
 
 def _leading_size(batch) -> int:
@@ -141,34 +248,60 @@ def _retention_tree(apply_fn, variables, batch):
 
 
 def _batch_statistics(stored, retention):
-    return jax.tree.map(lambda s, r: s.astype(jnp.float32) / r.astype(jnp.float32), stored, retention)
+    # max(., 0): the marker's trace (m * t, far below float32 resolution) cannot make a variance negative.
+    def read(key_path, value, r):
+        value = jnp.asarray(value).astype(jnp.float32)
+        if _paths.leaf_path(key_path)[-1:] == ("var",):
+            value = jnp.maximum(value, 0.0)
+        return value / r.astype(jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(read, stored, retention)
 
 
-def _single(count, stats):
-    """(count, per-leaf tree): the sufficient statistics of one batch for Chan's merge."""
-    return count, stats, jax.tree.map(jnp.zeros_like, stats)
+def _empty(template):
+    """The sufficient statistics of no batch: per leaf a weight, a batch count, a value and a between-batch sum."""
+
+    def zeros(leaf):
+        shape = jnp.shape(leaf)
+        return (jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.float32),
+                jnp.zeros(shape, jnp.float32))  # fmt: skip
+
+    return jax.tree.map(zeros, template)
+
+
+def _single(weight, used, stats):
+    """One batch's sufficient statistics: its weight and count where the layer used the batch, 0 elsewhere."""
+
+    def single(is_used, value):
+        if is_used is None:  # a statistic without a variance beside it: always taken
+            is_used = jnp.ones(jnp.shape(value), bool)
+        return (jnp.where(is_used, weight, 0.0), is_used.astype(jnp.int32), value, jnp.zeros(jnp.shape(value)))
+
+    return jax.tree.map(single, used, stats, is_leaf=lambda a: a is None)
 
 
 def _merge(a, b):
-    """Chan's parallel merge of ``(n, mean-and-var tree, between-batch sum of squares tree)``.
+    """Chan's parallel merge of two trees of ``(weight, batches, value, between-batch sum of squares)``, per feature.
 
-    Mean leaves merge as weighted means; the ``var`` leaves merge as weighted means of the within-batch
-    variances, and the squared deviations of the batch means are accumulated separately so that both variance
-    conventions can be read at the end.
+    Mean leaves merge as weighted means and accumulate the squared deviations of the batch means; the ``var``
+    leaves merge as weighted means of the within-batch variances, so both variance conventions can be read at
+    the end. A side of weight 0 (no batch, or skipped batches) leaves the other unchanged: ``where``, never a
+    multiplication by 0, so whatever a skipped batch stored cannot leak in.
     """
-    n_a, x_a, between_a = a
-    n_b, x_b, between_b = b
-    n = n_a + n_b
-    w = n_b / n
-    merged = jax.tree.map(lambda u, v: u + (v - u) * w, x_a, x_b)
-    between = jax.tree_util.tree_map_with_path(
-        lambda path, ba, bb, u, v: ba + bb + (v - u) ** 2 * (n_a * n_b / n) if _is_mean(path) else ba + bb,
-        between_a,
-        between_b,
-        x_a,
-        x_b,
-    )
-    return n, merged, between
+
+    def merge(key_path, sa, sb):
+        n_a, k_a, u, between_a = sa
+        n_b, k_b, v, between_b = sb
+        n = n_a + n_b
+        w = n_b / jnp.where(n > 0, n, 1.0)
+        merged = jnp.where(n_b > 0, u + (v - u) * w, u)
+        between = between_a + between_b
+        if _is_mean(key_path):
+            spread = (v - u) ** 2 * (n_a * w)
+            between = between + jnp.where((n_a > 0) & (n_b > 0), spread, 0.0)
+        return n, k_a + k_b, merged, between
+
+    return jax.tree_util.tree_map_with_path(merge, a, b, is_leaf=lambda t: isinstance(t, tuple))
 
 
 def _is_mean(key_path) -> bool:
@@ -176,19 +309,31 @@ def _is_mean(key_path) -> bool:
 
 
 def _finish(total, template, variance):
-    n, merged, between = total
-
-    def result(key_path, value, leaf_template):
+    def result(key_path, stats, leaf_template):
+        n, _, value, _ = stats
         path = _paths.leaf_path(key_path)
         if path[-1:] == ("var",) and variance == "pooled":
-            value = value + _lookup_mean_between(between, path) / n
-        return value.astype(jnp.result_type(leaf_template))
+            between = _lookup(total, path[:-1] + ("mean",))
+            if between is not None:
+                value = value + between[3] / jnp.where(n > 0, n, 1.0)
+        leaf_template = jnp.asarray(leaf_template)
+        return jnp.where(n > 0, value, leaf_template).astype(leaf_template.dtype)
 
-    return jax.tree_util.tree_map_with_path(result, merged, template)
-
-
-def _lookup_mean_between(between, var_path):
-    node = between
-    for name in var_path[:-1]:
-        node = node[name]
-    return node["mean"]
+    is_stats = lambda t: isinstance(t, tuple)  # noqa: E731
+    result_tree = jax.tree_util.tree_map_with_path(result, total, template, is_leaf=is_stats)
+    counts = jax.tree.map(lambda stats: stats[1], total, is_leaf=is_stats)
+    unused = sorted(
+        {
+            "/".join(_paths.leaf_path(path)[:-1]) or "the top-level BatchNorm"
+            for path, count in jax.tree_util.tree_leaves_with_path(counts)
+            if not bool(jnp.all(count > 0))
+        }
+    )
+    if unused:
+        warnings.warn(
+            f"precise_batch_stats: no batch updated some features of {unused} (every batch was empty, masked or "
+            "non-finite there); those features keep their values from `variables` (see `return_counts=True`).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return result_tree, counts

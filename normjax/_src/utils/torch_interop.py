@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+
+from normjax._src import axes as axes_lib
 
 _TORCH_TO_FLAX = {"weight": ("params", "scale"), "bias": ("params", "bias")}
 _TORCH_STATS = {"running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
@@ -53,6 +56,27 @@ def norm_variables_from_torch(
       >>> {k: sorted(v) for k, v in variables.items()}
       {'params': ['bias', 'scale'], 'batch_stats': ['mean', 'var']}
     """
+    if hasattr(state_dict, "state_dict") and callable(state_dict.state_dict):
+        raise TypeError(
+            f"`state_dict` must be a mapping of names to tensors, got the module {type(state_dict).__name__}. "
+            "Pass its state: `norm_variables_from_torch(module.state_dict(), prefix)`."
+        )
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            f"`state_dict` must be a mapping of names to tensors or arrays, got {type(state_dict).__name__}. "
+            "Pass `module.state_dict()`."
+        )
+    if not isinstance(prefix, str):
+        raise TypeError(
+            f"`prefix` must be a string, the layer's name in `state_dict`, got {prefix!r}. Pass e.g. "
+            "`prefix='layer1.0.bn1'`, or `prefix=''` for the layer's own state_dict."
+        )
+    axes_lib.check_float_dtype(dtype, "dtype", "the dtype of the returned variables")
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"`dtype` must be a real floating-point dtype, got {jnp.dtype(dtype)}: PyTorch's norm parameters and "
+            "statistics are real. Pass e.g. `dtype=jnp.float32`."
+        )
     prefix = prefix + "." if prefix and not prefix.endswith(".") else prefix
     entries = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
     names = {**_TORCH_TO_FLAX, **_TORCH_STATS}
@@ -64,10 +88,20 @@ def norm_variables_from_torch(
         )
     if ("running_mean" in entries) != ("running_var" in entries):
         raise ValueError(f"got only one of running_mean and running_var under prefix {prefix!r}; need both.")
+    arrays = {name: _to_numpy(value) for name, value in entries.items() if name in names}
+    shapes = {name: a.shape for name, a in arrays.items()}
+    for name, a in arrays.items():
+        if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)) or a.dtype == np.bool_:
+            raise TypeError(f"`state_dict` entry {prefix + name!r} must hold numbers, got dtype {a.dtype}.")
+    if len(set(shapes.values())) != 1 or any(len(shape) != 1 for shape in shapes.values()):
+        raise ValueError(
+            f"`state_dict` entries under prefix {prefix!r} must be vectors of one length (one value per feature), "
+            f"got shapes {shapes}. Check that they come from one norm layer (with one normalized dimension)."
+        )
     variables: dict[str, dict[str, Any]] = {}
     for torch_name, (collection, flax_name) in names.items():
-        if torch_name in entries:
-            variables.setdefault(collection, {})[flax_name] = jnp.asarray(_to_numpy(entries[torch_name]), dtype)
+        if torch_name in arrays:
+            variables.setdefault(collection, {})[flax_name] = jnp.asarray(arrays[torch_name], dtype)
     return variables
 
 
@@ -78,7 +112,10 @@ def _to_numpy(value) -> np.ndarray:
     CPU: torch's in-place updates of its running statistics would otherwise change the loaded values.
     """
     if hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        if not value.dtype.is_complex and value.dtype.is_floating_point and value.element_size() < 4:
+            value = value.float()  # NumPy has no bfloat16: widen (exactly) before converting
+        value = value.numpy()
     return np.array(value, copy=True)
 
 
@@ -117,9 +154,14 @@ def momentum_to_torch(flax_momentum: float) -> float:
 
 
 def _flip_momentum(momentum, name):
+    if momentum is not None and (isinstance(momentum, bool | np.bool_) or not isinstance(momentum, numbers.Real)):
+        raise TypeError(
+            f"`{name}` must be a number in [0, 1], got {momentum!r} of type {type(momentum).__name__}. Pass e.g. "
+            f"`{name}=0.1`."
+        )
     if momentum is None or not 0.0 <= momentum <= 1.0:
         raise ValueError(
-            f"`{name}` must be a number in [0, 1], got {momentum!r}. PyTorch's momentum=None (a cumulative "
-            "moving average) has no exponential-moving-average equivalent."
+            f"`{name}` must be a number in [0, 1], got {momentum!r}. Pass e.g. 0.1 (PyTorch's default); "
+            "PyTorch's momentum=None (a cumulative moving average) has no exponential-moving-average equivalent."
         )
     return round(1.0 - momentum, 12)
