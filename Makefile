@@ -12,7 +12,7 @@ OUT ?= outputs
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test,examples,docs,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[test,equinox,examples,docs,dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)
