@@ -226,7 +226,7 @@ class LayerNorm(eqx.Module):
     Example:
       >>> import jax.numpy as jnp
       >>> import normjax.equinox as nqx
-      >>> nqx.LayerNorm(2, eps=0.0)(jnp.array([1.0, 3.0])).tolist()
+      >>> nqx.LayerNorm(2, eps=1e-12)(jnp.array([1.0, 3.0])).tolist()
       [-1.0, 1.0]
 
     References:
@@ -295,7 +295,7 @@ class RMSNorm(eqx.Module):
     Example:
       >>> import jax.numpy as jnp
       >>> import normjax.equinox as nqx
-      >>> nqx.RMSNorm(2, eps=0.0)(jnp.array([3.0, -3.0])).tolist()
+      >>> nqx.RMSNorm(2, eps=1e-12)(jnp.array([3.0, -3.0])).tolist()
       [1.0, -1.0]
 
     References:
@@ -368,7 +368,7 @@ class GroupNorm(eqx.Module):
     Example:
       >>> import jax.numpy as jnp
       >>> import normjax.equinox as nqx
-      >>> nqx.GroupNorm(2, 4, eps=0.0)(jnp.array([1.0, 3.0, 10.0, 30.0])).tolist()
+      >>> nqx.GroupNorm(2, 4, eps=1e-12)(jnp.array([1.0, 3.0, 10.0, 30.0])).tolist()
       [-1.0, 1.0, -1.0, 1.0]
 
     References:
@@ -448,7 +448,7 @@ class InstanceNorm(eqx.Module):
     Example:
       >>> import jax.numpy as jnp
       >>> import normjax.equinox as nqx
-      >>> nqx.InstanceNorm(2, eps=0.0)(jnp.array([[1.0, 3.0], [10.0, 30.0]])).tolist()
+      >>> nqx.InstanceNorm(2, eps=1e-12)(jnp.array([[1.0, 3.0], [10.0, 30.0]])).tolist()
       [[-1.0, 1.0], [-1.0, 1.0]]
 
     References:
