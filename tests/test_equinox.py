@@ -192,6 +192,7 @@ def test_constructors_take_equinox_arguments_and_dtypes():
     assert nqx.LayerNorm(4, elementwise_affine=False).weight is None
     assert nqx.RMSNorm([2, 3]).shape == (2, 3)
     assert nqx.GroupNorm(2, channelwise_affine=False).weight is None
+    assert nqx.BatchNorm(4, ["devices", "batch"]).axis_name == ("devices", "batch")  # static, so hashable
     bn = nqx.BatchNorm(4, "b", dtype=jnp.float16)
     assert bn.weight.dtype == jnp.float16
     # running statistics are never narrower than float32, whatever the parameters' dtype

@@ -149,7 +149,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.state_index = eqx.nn.StateIndex(init_batch_norm_state(input_size, jnp.promote_types(dtype, jnp.float32)))
         self.inference = inference
         self.input_size = input_size
-        self.axis_name = axis_name
+        # static, so hashable: a list of names (Equinox accepts any sequence) becomes a tuple
+        self.axis_name = tuple(axis_name) if isinstance(axis_name, list) else axis_name
         self.eps = eps
         self.channelwise_affine = channelwise_affine
         self.momentum = momentum
