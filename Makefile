@@ -13,7 +13,7 @@ OUT ?= outputs
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test,examples,docs,dev,aot]"
+	$(BIN)/python -m pip install --quiet -e ".[test,equinox,examples,docs,dev,aot]"
 	touch $(STAMP)
 
 demo: $(STAMP)

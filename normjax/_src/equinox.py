@@ -1,0 +1,489 @@
+"""Equinox's normalization conventions, translated into calls of normjax's functions.
+
+Each layer is an ``eqx.Module`` written for one example, as Equinox's are: the caller maps it over the batch
+with ``jax.vmap`` (BatchNorm names that axis in ``axis_name``), the conv norms take channels first, BatchNorm's
+running statistics live in an ``eqx.nn.State`` behind an ``eqx.nn.StateIndex``, and ``eqx.nn.inference_mode``
+flips the ``inference`` field. The layers hold parameters and configuration only; every statistic and every
+normalization is computed by :func:`normjax.batch_norm`, :func:`normjax.layer_norm`, :func:`normjax.rms_norm`,
+:func:`normjax.group_norm` and :func:`normjax.instance_norm`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+try:
+    import equinox as eqx
+except ImportError as error:  # an optional dependency: `import normjax` alone never needs it
+    raise ImportError(
+        "normjax.equinox needs Equinox, which is not installed. Install it with `pip install 'normjax[equinox]'` "
+        "(or `pip install equinox`)."
+    ) from error
+
+from normjax._src.batch_norm import batch_norm
+from normjax._src.siblings import group_norm, instance_norm, layer_norm, rms_norm
+from normjax._src.state import BatchNormState, init_batch_norm_state
+
+AxisName = Hashable | Sequence[Hashable]
+
+
+def _param_dtype(dtype) -> jnp.dtype:
+    """Equinox's parameter dtype: ``dtype``, or the default float (float32, float64 with ``jax_enable_x64``)."""
+    return jnp.zeros((), dtype).dtype
+
+
+def _static_flag(flag):
+    """``flag`` as a Python bool when it is known at trace time, else the traced boolean itself.
+
+    ``inference`` is an ordinary (non-static) field, as in Equinox, so ``jax.device_put`` or a plain
+    ``jax.jit`` of the module turns it into an array; a concrete one is read, a traced one selects with
+    ``lax.cond``.
+    """
+    try:
+        return bool(flag)
+    except jax.errors.ConcretizationTypeError:  # TracerBoolConversionError is one
+        return flag
+
+
+def _per_example_error(layer: str, expected: str, shape: tuple[int, ...], fix: str) -> ValueError:
+    return ValueError(
+        f"{layer} is applied to one example at a time and expects x of shape {expected}, got {shape}. {fix}"
+    )
+
+
+class BatchNorm(eqx.nn.StatefulLayer):
+    r"""Batch Normalization (Ioffe & Szegedy, 2015) for Equinox, synchronized over ``axis_name``.
+
+    .. math::
+
+        y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\,\gamma + \beta, \qquad
+        \hat\mu \leftarrow m\,\hat\mu + (1 - m)\,\mu_B, \qquad
+        \hat\sigma^2 \leftarrow m\,\hat\sigma^2 + (1 - m)\,\sigma_B^2
+
+    In training, :math:`\mu, \sigma^2` are the batch statistics :math:`\mu_B, \sigma_B^2` of each channel over
+    the spatial axes and every example of the mapped axes named by ``axis_name``, and the running statistics
+    are updated; in inference they are the running statistics, and the state is returned unchanged.
+
+    Called like :class:`equinox.nn.BatchNorm`, per example under ``jax.vmap(..., axis_name=...)`` (or
+    ``pmap``/``shard_map``), with ``x`` of shape ``(input_size, *spatial)``, returning ``(y, state)``; it
+    computes the same training outputs and running statistics as Equinox's ``mode="batch"``. The differences
+    are where Equinox's layer is wrong:
+
+    - there is one mode, the batch statistics in training; ``mode="ema"`` (normalizing with running statistics
+      while training, Equinox's default) is refused;
+    - the running statistics start at mean 0 and variance 1 and are used as they are in inference, as in Flax
+      and PyTorch (Equinox divides them by :math:`1 - m^t`, which is right for the mean but, for a variance
+      that starts at 1, adds :math:`m^t / (1 - m^t)`: 99 after one step with ``momentum=0.99``);
+    - statistics are computed in float32 or wider whatever the input dtype, and the running statistics are
+      kept in at least float32;
+    - synchronized statistics are exact for uneven counts: ``mask=False`` leaves an example (or any element)
+      out of the statistics, e.g. the padding of a ragged last batch;
+    - ``axis_name`` is a static field, so every leaf of the module is a JAX type (``jax.device_put`` and
+      ``jax.jit`` of the module work), and ``inference`` may be a traced boolean.
+
+    Args:
+      input_size: the number of channels, ``x.shape[0]``.
+      axis_name: the name(s) of the mapped axes the batch statistics are computed over: the ``jax.vmap`` axis
+        of the per-example call, and any ``pmap``/``shard_map`` device axes (e.g. ``("devices", "batch")``).
+      eps: a small positive number added to the variance.
+      channelwise_affine: learn a per-channel scale ``weight`` (:math:`\gamma`) and shift ``bias``
+        (:math:`\beta`).
+      momentum: weight of the old running value in the update, in [0, 1] (PyTorch's 0.1 is 0.9 here).
+      inference: use the running statistics (True) or the batch statistics (False); set by
+        :func:`equinox.nn.inference_mode`, overridden by the call's ``inference``.
+      dtype: the dtype of ``weight`` and ``bias`` (default float32, or float64 with ``jax_enable_x64``); the
+        running statistics use it too, but at least float32.
+      mode: ``"batch"``, the only mode (accepted for compatibility with Equinox's argument).
+
+    Example:
+      >>> import equinox as eqx, jax, jax.numpy as jnp
+      >>> import normjax.equinox as nqx
+      >>> bn, state = eqx.nn.make_with_state(nqx.BatchNorm)(2, "batch", momentum=0.9)
+      >>> batch_bn = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+      >>> y, state = batch_bn(jnp.array([[0.0, 10.0], [2.0, 30.0]]), state)
+      >>> y.round(3).tolist()
+      [[-1.0, -1.0], [1.0, 1.0]]
+      >>> state.get(bn.state_index).mean.tolist()
+      [0.10000000149011612, 2.0]
+
+    References:
+      Ioffe & Szegedy, "Batch Normalization: Accelerating Deep Network Training by Reducing Internal
+      Covariate Shift", ICML 2015.
+    """
+
+    weight: jax.Array | None
+    bias: jax.Array | None
+    state_index: eqx.nn.StateIndex[BatchNormState]
+    inference: bool
+    input_size: int = eqx.field(static=True)
+    axis_name: AxisName = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+    channelwise_affine: bool = eqx.field(static=True)
+    momentum: float = eqx.field(static=True)
+    mode: Literal["batch"] = eqx.field(static=True)
+
+    def __init__(
+        self,
+        input_size: int,
+        axis_name: AxisName,
+        eps: float = 1e-5,
+        channelwise_affine: bool = True,
+        momentum: float = 0.99,
+        inference: bool = False,
+        dtype=None,
+        mode: Literal["batch"] = "batch",
+    ):
+        if mode != "batch":
+            raise ValueError(
+                f"BatchNorm got mode={mode!r}; normjax's BatchNorm has one mode, 'batch': batch statistics in "
+                "training, running statistics in inference. Equinox's 'ema' mode normalizes with the running "
+                "statistics while training, which makes training unstable; drop `mode` or pass mode='batch'."
+            )
+        dtype = _param_dtype(dtype)
+        self.weight = jnp.ones((input_size,), dtype) if channelwise_affine else None
+        self.bias = jnp.zeros((input_size,), dtype) if channelwise_affine else None
+        self.state_index = eqx.nn.StateIndex(init_batch_norm_state(input_size, jnp.promote_types(dtype, jnp.float32)))
+        self.inference = inference
+        self.input_size = input_size
+        # static, so hashable: a list of names (Equinox accepts any sequence) becomes a tuple
+        self.axis_name = tuple(axis_name) if isinstance(axis_name, list) else axis_name
+        self.eps = eps
+        self.channelwise_affine = channelwise_affine
+        self.momentum = momentum
+        self.mode = mode
+
+    @jax.named_scope("normjax.equinox.BatchNorm")
+    def __call__(
+        self,
+        x: jax.Array,
+        state: eqx.nn.State,
+        *,
+        key: jax.Array | None = None,
+        inference: bool | None = None,
+        mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, eqx.nn.State]:
+        """Normalizes one example; returns ``(y, state)`` with the running statistics updated in training.
+
+        Args:
+          x: one example, shape ``(input_size, *spatial)``.
+          state: the :class:`equinox.nn.State` holding the running statistics (``state.get(self.state_index)``
+            is a :class:`normjax.BatchNormState`).
+          key: ignored; accepted as by every Equinox layer.
+          inference: overrides ``self.inference`` when not None.
+          mask: optional boolean broadcastable to ``x``; False elements are left out of the batch statistics
+            (a scalar False leaves the whole example out, e.g. padding). Ignored in inference.
+
+        Returns:
+          ``(y, state)``: ``y`` of ``x``'s shape and dtype, and the new state.
+        """
+        del key
+        if jnp.ndim(x) == 0 or x.shape[0] != self.input_size:
+            raise _per_example_error(
+                "BatchNorm",
+                f"({self.input_size}, *spatial) (channels first)",
+                jnp.shape(x),
+                "Map it over the batch with `jax.vmap(bn, axis_name=...)`, and put the channels first.",
+            )
+        inference = _static_flag(self.inference if inference is None else inference)
+        running = state.get(self.state_index)
+
+        def normalize(training: bool) -> tuple[jax.Array, BatchNormState]:
+            return batch_norm(
+                x, running, self.weight, self.bias, training=training, momentum=self.momentum, epsilon=self.eps,
+                axis=0, axis_name=self.axis_name, mask=None if mask is None else jnp.asarray(mask, bool),
+            )  # fmt: skip
+
+        if isinstance(inference, bool):
+            y, new_running = normalize(training=not inference)
+            if inference:
+                return y, state
+        else:
+            y, new_running = jax.lax.cond(inference, lambda: normalize(False), lambda: normalize(True))
+        return y, state.set(self.state_index, new_running)
+
+
+class LayerNorm(eqx.Module):
+    r"""Layer Normalization (Ba, Kiros & Hinton, 2016) over a whole example, as :class:`equinox.nn.LayerNorm`.
+
+    .. math::
+
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}}\,\gamma + \beta
+
+    with the statistics over every element of ``x`` (to normalize over the last axes only, ``jax.vmap`` over
+    the others) and :math:`\gamma, \beta` of ``x``'s shape. Same arguments and results as Equinox's layer.
+
+    Args:
+      shape: the shape of one input.
+      eps: a small positive number added to the variance.
+      use_weight: learn an elementwise scale ``weight``.
+      use_bias: learn an elementwise shift ``bias``.
+      dtype: the dtype of ``weight`` and ``bias`` (default float32, or float64 with ``jax_enable_x64``).
+      elementwise_affine: Equinox's deprecated alias setting both ``use_weight`` and ``use_bias``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import normjax.equinox as nqx
+      >>> nqx.LayerNorm(2, eps=1e-12)(jnp.array([1.0, 3.0])).tolist()
+      [-1.0, 1.0]
+
+    References:
+      Ba, Kiros & Hinton, "Layer Normalization", arXiv:1607.06450, 2016.
+    """
+
+    shape: tuple[int, ...] = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+    use_weight: bool = eqx.field(static=True)
+    use_bias: bool = eqx.field(static=True)
+    weight: jax.Array | None
+    bias: jax.Array | None
+
+    def __init__(
+        self,
+        shape: int | Sequence[int],
+        eps: float = 1e-5,
+        use_weight: bool = True,
+        use_bias: bool = True,
+        dtype=None,
+        *,
+        elementwise_affine: bool | None = None,
+    ):
+        if elementwise_affine is not None:
+            use_weight = use_bias = elementwise_affine
+        self.shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        self.eps = eps
+        self.use_weight = use_weight
+        self.use_bias = use_bias
+        dtype = _param_dtype(dtype)
+        self.weight = jnp.ones(self.shape, dtype) if use_weight else None
+        self.bias = jnp.zeros(self.shape, dtype) if use_bias else None
+
+    @jax.named_scope("normjax.equinox.LayerNorm")
+    def __call__(
+        self, x: jax.Array, state: eqx.nn.State | None = None, *, key: jax.Array | None = None
+    ) -> jax.Array | tuple[jax.Array, eqx.nn.State]:
+        """Normalizes one example of shape ``shape``; returns ``y`` (and ``state`` unchanged, if given)."""
+        del key
+        if jnp.shape(x) != self.shape:
+            raise _per_example_error(
+                "LayerNorm", f"shape={self.shape}", jnp.shape(x), "Apply it per example with `jax.vmap(layer)(x)`."
+            )
+        y = layer_norm(x, self.weight, self.bias, axis=tuple(range(x.ndim)), epsilon=self.eps)
+        return y if state is None else (y, state)
+
+
+class RMSNorm(eqx.Module):
+    r"""Root Mean Square Layer Normalization (Zhang & Sennrich, 2019) over a whole example, as
+    :class:`equinox.nn.RMSNorm`.
+
+    .. math::
+
+        y = \frac{x}{\sqrt{\frac{1}{n}\sum_i x_i^2 + \epsilon}}\,\gamma + \beta
+
+    over every element of ``x``, with :math:`\gamma, \beta` of ``x``'s shape. Same arguments and results as
+    Equinox's layer (which has the optional shift :math:`\beta` too).
+
+    Args:
+      shape: the shape of one input.
+      eps: a small positive number added to the mean square.
+      use_weight: learn an elementwise scale ``weight``.
+      use_bias: learn an elementwise shift ``bias``.
+      dtype: the dtype of ``weight`` and ``bias`` (default float32, or float64 with ``jax_enable_x64``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import normjax.equinox as nqx
+      >>> nqx.RMSNorm(2, eps=1e-12)(jnp.array([3.0, -3.0])).tolist()
+      [1.0, -1.0]
+
+    References:
+      Zhang & Sennrich, "Root Mean Square Layer Normalization", NeurIPS 2019.
+    """
+
+    shape: tuple[int, ...] = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+    use_weight: bool = eqx.field(static=True)
+    use_bias: bool = eqx.field(static=True)
+    weight: jax.Array | None
+    bias: jax.Array | None
+
+    def __init__(
+        self,
+        shape: int | Sequence[int],
+        eps: float = 1e-5,
+        use_weight: bool = True,
+        use_bias: bool = True,
+        dtype=None,
+    ):
+        self.shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        self.eps = eps
+        self.use_weight = use_weight
+        self.use_bias = use_bias
+        dtype = _param_dtype(dtype)
+        self.weight = jnp.ones(self.shape, dtype) if use_weight else None
+        self.bias = jnp.zeros(self.shape, dtype) if use_bias else None
+
+    @jax.named_scope("normjax.equinox.RMSNorm")
+    def __call__(
+        self, x: jax.Array, state: eqx.nn.State | None = None, *, key: jax.Array | None = None
+    ) -> jax.Array | tuple[jax.Array, eqx.nn.State]:
+        """Normalizes one example of shape ``shape``; returns ``y`` (and ``state`` unchanged, if given)."""
+        del key
+        if jnp.shape(x) != self.shape:
+            raise _per_example_error(
+                "RMSNorm", f"shape={self.shape}", jnp.shape(x), "Apply it per example with `jax.vmap(layer)(x)`."
+            )
+        axes = tuple(range(x.ndim))
+        if self.bias is None:
+            y = rms_norm(x, self.weight, axis=axes, epsilon=self.eps)
+        else:  # rms_norm has no shift: add it in >= float32 before the single rounding to x's dtype
+            wide = jnp.promote_types(x.dtype, jnp.float32)
+            y = rms_norm(x.astype(wide), self.weight, axis=axes, epsilon=self.eps) + self.bias.astype(wide)
+            y = y.astype(x.dtype)
+        return y if state is None else (y, state)
+
+
+class GroupNorm(eqx.Module):
+    r"""Group Normalization (Wu & He, 2018) of one channels-first example, as :class:`equinox.nn.GroupNorm`.
+
+    The channels (axis 0 of ``x``, shape ``(channels, *spatial)``) are split into ``groups`` contiguous groups;
+    each group is standardized over its channels and the spatial axes, then the per-channel affine is applied:
+
+    .. math::
+
+        y_{g} = \frac{x_{g} - \mathrm{E}[x_{g}]}{\sqrt{\mathrm{Var}[x_{g}] + \epsilon}}\,\gamma + \beta
+
+    One group is LayerNorm over channels and space; one channel per group is :class:`InstanceNorm`. Same
+    arguments and results as Equinox's layer.
+
+    Args:
+      groups: the number of groups; must divide the number of channels.
+      channels: the number of channels; needed when ``channelwise_affine``.
+      eps: a small positive number added to the variance.
+      channelwise_affine: learn a per-channel scale ``weight`` and shift ``bias``.
+      dtype: the dtype of ``weight`` and ``bias`` (default float32, or float64 with ``jax_enable_x64``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import normjax.equinox as nqx
+      >>> nqx.GroupNorm(2, 4, eps=1e-12)(jnp.array([1.0, 3.0, 10.0, 30.0])).tolist()
+      [-1.0, 1.0, -1.0, 1.0]
+
+    References:
+      Wu & He, "Group Normalization", ECCV 2018.
+    """
+
+    groups: int = eqx.field(static=True)
+    channels: int | None = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+    channelwise_affine: bool = eqx.field(static=True)
+    weight: jax.Array | None
+    bias: jax.Array | None
+
+    def __init__(
+        self,
+        groups: int,
+        channels: int | None = None,
+        eps: float = 1e-5,
+        channelwise_affine: bool = True,
+        dtype=None,
+    ):
+        if not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"GroupNorm got groups={groups!r}; pass a positive int number of groups.")
+        if channels is not None and channels % groups:
+            raise ValueError(
+                f"GroupNorm got groups={groups} and channels={channels}: the groups must divide the channels. "
+                f"Choose groups among the divisors of {channels}."
+            )
+        if channels is None and channelwise_affine:
+            raise ValueError(
+                "GroupNorm needs `channels` to create its per-channel weight and bias (channelwise_affine=True); "
+                "pass channels=..., or channelwise_affine=False."
+            )
+        self.groups = groups
+        self.channels = channels
+        self.eps = eps
+        self.channelwise_affine = channelwise_affine
+        dtype = _param_dtype(dtype)
+        self.weight = jnp.ones((channels,), dtype) if channelwise_affine else None
+        self.bias = jnp.zeros((channels,), dtype) if channelwise_affine else None
+
+    @jax.named_scope("normjax.equinox.GroupNorm")
+    def __call__(
+        self, x: jax.Array, state: eqx.nn.State | None = None, *, key: jax.Array | None = None
+    ) -> jax.Array | tuple[jax.Array, eqx.nn.State]:
+        """Normalizes one example ``(channels, *spatial)``; returns ``y`` (and ``state`` unchanged, if given)."""
+        del key
+        channels = "channels" if self.channels is None else self.channels
+        if jnp.ndim(x) == 0 or (self.channels is not None and x.shape[0] != self.channels):
+            raise _per_example_error(
+                "GroupNorm",
+                f"({channels}, *spatial) (channels first)",
+                jnp.shape(x),
+                "Map it over the batch with `jax.vmap(layer)(x)`, and put the channels first.",
+            )
+        y = group_norm(x[None], self.weight, self.bias, num_groups=self.groups, axis=1, epsilon=self.eps)[0]
+        return y if state is None else (y, state)
+
+
+class InstanceNorm(eqx.Module):
+    r"""Instance Normalization (Ulyanov, Vedaldi & Lempitsky, 2016) of one channels-first example.
+
+    .. math::
+
+        y_{c} = \frac{x_{c} - \mathrm{E}[x_{c}]}{\sqrt{\mathrm{Var}[x_{c}] + \epsilon}}\,\gamma_c + \beta_c
+
+    with the statistics of each channel over the spatial axes of ``x`` (shape ``(channels, *spatial)``).
+    Equinox has no InstanceNorm; this one follows its :class:`equinox.nn.GroupNorm` conventions and equals
+    ``GroupNorm(groups=channels, channels=channels)``.
+
+    Args:
+      channels: the number of channels, ``x.shape[0]``.
+      eps: a small positive number added to the variance.
+      channelwise_affine: learn a per-channel scale ``weight`` and shift ``bias``.
+      dtype: the dtype of ``weight`` and ``bias`` (default float32, or float64 with ``jax_enable_x64``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import normjax.equinox as nqx
+      >>> nqx.InstanceNorm(2, eps=1e-12)(jnp.array([[1.0, 3.0], [10.0, 30.0]])).tolist()
+      [[-1.0, 1.0], [-1.0, 1.0]]
+
+    References:
+      Ulyanov, Vedaldi & Lempitsky, "Instance Normalization: The Missing Ingredient for Fast Stylization",
+      arXiv:1607.08022, 2016.
+    """
+
+    channels: int = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+    channelwise_affine: bool = eqx.field(static=True)
+    weight: jax.Array | None
+    bias: jax.Array | None
+
+    def __init__(self, channels: int, eps: float = 1e-5, channelwise_affine: bool = True, dtype=None):
+        self.channels = channels
+        self.eps = eps
+        self.channelwise_affine = channelwise_affine
+        dtype = _param_dtype(dtype)
+        self.weight = jnp.ones((channels,), dtype) if channelwise_affine else None
+        self.bias = jnp.zeros((channels,), dtype) if channelwise_affine else None
+
+    @jax.named_scope("normjax.equinox.InstanceNorm")
+    def __call__(
+        self, x: jax.Array, state: eqx.nn.State | None = None, *, key: jax.Array | None = None
+    ) -> jax.Array | tuple[jax.Array, eqx.nn.State]:
+        """Normalizes one example ``(channels, *spatial)``; returns ``y`` (and ``state`` unchanged, if given)."""
+        del key
+        if jnp.ndim(x) < 2 or x.shape[0] != self.channels:
+            raise _per_example_error(
+                "InstanceNorm",
+                f"({self.channels}, *spatial) with at least one spatial axis (channels first)",
+                jnp.shape(x),
+                "Map it over the batch with `jax.vmap(layer)(x)`; each channel is normalized over its spatial "
+                "axes, so a single value per channel has nothing to normalize over.",
+            )
+        y = instance_norm(x[None], self.weight, self.bias, axis=1, epsilon=self.eps)[0]
+        return y if state is None else (y, state)
