@@ -129,7 +129,9 @@ def test_code_in_docs_runs(page):
         if ">>>" in block.code:
             _run_doctest(block.code, namespace, where)
         else:
-            exec(compile(block.code, where, "exec"), namespace)  # noqa: S102 (running the docs is the test)
+            # dont_inherit: run as pasted, not under this file's `from __future__ import annotations` (which
+            # would turn a Flax module's field annotations into strings its dataclass cannot resolve).
+            exec(compile(block.code, where, "exec", dont_inherit=True), namespace)  # noqa: S102 (the docs are the test)
 
 
 def _run_doctest(code: str, namespace: dict, where: str) -> None:

@@ -12,9 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import normjax as nj
 import normjax.linen
+import normjax.nnx
 
 X = jax.ShapeDtypeStruct((4, 6), jnp.float32)  # (N, C)
 IMG = jax.ShapeDtypeStruct((2, 3, 4, 6), jnp.float32)  # (N, H, W, C)
@@ -293,3 +295,52 @@ def test_flax_initialization_with_a_batch_of_one_is_allowed_but_training_on_it_i
     unsynchronized = normjax.linen.BatchNorm(use_running_average=False)
     with pytest.raises(ValueError, match="`allow_single_value"):
         jax.eval_shape(lambda v: unsynchronized.apply(v, one, mutable=["batch_stats"]), variables)
+
+
+def test_layer_errors_start_with_flax_sentence_and_keep_normjax_advice():
+    """Code that matches Flax's error texts keeps working: each message starts with Flax's sentence (linen's or
+    nnx's), then says what was got and how to fix it."""
+    x = jnp.ones((2, 6))
+    cases = [
+        (
+            lambda: normjax.linen.GroupNorm(group_size=2).init(jax.random.key(0), x),
+            "Either `num_groups` or `group_size` should be specified. If `group_size` is to be specified, pass "
+            "`num_groups=None` as argument to override the default `num_groups` value of 32.",
+            "num_groups=32 and group_size=2",
+        ),
+        (
+            lambda: normjax.linen.GroupNorm(num_groups=4).init(jax.random.key(0), x),
+            "Number of groups (4) does not divide the number of channels (6).",
+            "Choose a divisor of 6: [1, 2, 3, 6]",
+        ),
+        (
+            lambda: normjax.linen.GroupNorm(num_groups=None, group_size=4).init(jax.random.key(0), x),
+            "Number of channels (6) is not multiple of the group size (4).",
+            "Choose a divisor of 6",
+        ),
+        (
+            lambda: normjax.nnx.GroupNorm(6, num_groups=None, group_size=4, rngs=nnx.Rngs(0)),
+            "Number of features (6) is not multiple of the group size (4).",
+            "Choose a divisor of 6",
+        ),
+        (
+            lambda: normjax.linen.GroupNorm(num_groups=2, reduction_axes=0).init(jax.random.key(0), x),
+            "The reduction axes must include the final dimension as this is assumed to be the feature axis.",
+            "`reduction_axes`=0 must include the last axis",
+        ),
+        (
+            lambda: normjax.linen.InstanceNorm(feature_axes=(0, 1)).init(jax.random.key(0), x),
+            "The channel axes cannot include the leading dimension as this is assumed to be the batch axis.",
+            "Put the batch first",
+        ),
+        (
+            lambda: normjax.nnx.BatchNorm(6, use_running_average=None, rngs=nnx.Rngs(0))(x),
+            "No `use_running_average` argument was provided to BatchNorm.",
+            "model.eval()",
+        ),
+    ]
+    for make, flax_sentence, advice in cases:
+        with pytest.raises(ValueError) as error:
+            make()
+        assert str(error.value).startswith(flax_sentence)
+        assert advice in str(error.value)

@@ -1,7 +1,9 @@
 """normjax.nnx against flax.nnx's exact variant (use_fast_variance=False), and against normjax.linen.
 
 Both layers are built with the same ``rngs``; the state of the Flax layer is perturbed and copied into the
-normjax one with ``nnx.update``, so the comparison covers the affine and the running statistics. Tolerances
+normjax one with ``nnx.update``, so the comparison covers the affine and the running statistics. The normjax
+layer gets Flax's ``promote_dtype`` hook in these comparisons; its own default (which never rounds the input to a
+narrower ``dtype``, like linen) is tested against linen and the float64 reference at the end. Tolerances
 are ``reference.tolerance`` of the output dtype (with ``dtype=bfloat16`` Flax evaluates in bfloat16
 arithmetic where normjax uses float32, a difference of about one bfloat16 ulp).
 """
@@ -15,9 +17,11 @@ import numpy as np
 import pytest
 import reference
 from flax import nnx
+from flax.nnx.nn import dtypes
 
 from normjax import linen as njn
 from normjax import nnx as njx
+from normjax._src.layers_common import promote_exactly
 
 DTYPES = [  # (input dtype, param_dtype, layer dtype)
     (jnp.float32, jnp.float32, None),
@@ -70,8 +74,9 @@ def _perturb(model, seed=3):
 
 
 def _pair(name, *args, **config):
-    """(flax layer, normjax layer) with identical state."""
+    """(flax layer, normjax layer) with identical state and, unless given, Flax's default ``promote_dtype``."""
     flax_layer = getattr(nnx, name)(*args, use_fast_variance=False, rngs=nnx.Rngs(0), **config)
+    config.setdefault("promote_dtype", dtypes.promote_dtype)
     nj_layer = getattr(njx, name)(*args, rngs=nnx.Rngs(0), **config)
     _assert_same_state(nj_layer, flax_layer)
     _perturb(flax_layer)
@@ -241,10 +246,17 @@ def test_group_norm_synchronized_under_nnx_vmap():
         ("InstanceNorm", (5,), {}),
     ],
 )
-def test_nnx_and_linen_agree(name, args, config):
-    """One core behind both front ends: the same variables give the same outputs and running statistics."""
-    x = _input((4, 3, 5), jnp.bfloat16, offset=2.0)
+@pytest.mark.parametrize(
+    "x_dtype, dtype_config",
+    [(jnp.bfloat16, {}), (jnp.float32, dict(dtype=jnp.float16, param_dtype=jnp.bfloat16))],
+    ids=["promoted", "narrowed"],
+)
+def test_nnx_and_linen_agree(name, args, config, x_dtype, dtype_config):
+    """One core behind both front ends: the same variables give the same outputs and running statistics, also
+    when ``dtype`` is narrower than the input (the nnx default ``promote_dtype`` does not round it first)."""
+    x = _input((4, 3, 5), x_dtype, offset=2.0)
     mask = _mask(x.shape)
+    config = {**config, **dtype_config}
     layer = getattr(njx, name)(*args, rngs=nnx.Rngs(0), **config)
     _perturb(layer)
     variables = {"params": {k: v[...] for k, v in nnx.state(layer, nnx.Param).items()}}
@@ -323,5 +335,27 @@ def test_constructor_extends_flax_in_order_with_the_same_defaults(name):
     ours = list(inspect.signature(getattr(njx, name).__init__).parameters.values())
     flax = list(inspect.signature(getattr(nnx, name).__init__).parameters.values())
     summary = lambda params: [(p.name, p.kind, p.default) for p in params]  # noqa: E731
+    # The one deliberate difference: the default promote_dtype rounds once (see test_default_promotion_...).
+    flax = [p.replace(default=promote_exactly) if p.name == "promote_dtype" else p for p in flax]
     assert summary(ours[: len(flax)]) == summary(flax)
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in ours[len(flax) :])
+
+
+def _ulps(got, want):
+    """|got - want| in units of the spacing of float16 at ``want`` (float64 reference)."""
+    want = np.asarray(want, np.float64)
+    return np.abs(np.asarray(got, np.float64) - want) / np.spacing(np.abs(want).astype(np.float16)).astype(np.float64)
+
+
+def test_default_promotion_rounds_once_where_flax_hook_rounds_twice():
+    """With ``dtype=float16`` and a float32 input, the default hook leaves the input float32 and the output is the
+    float64 reference rounded once (within half an ulp, plus float32 noise); Flax's hook rounds the input first."""
+    x = _input((64, 16), jnp.float32, offset=3.0)
+    default = njx.LayerNorm(16, dtype=jnp.float16, rngs=nnx.Rngs(0))
+    _perturb(default)
+    flax_hook = njx.LayerNorm(16, dtype=jnp.float16, promote_dtype=dtypes.promote_dtype, rngs=nnx.Rngs(0))
+    nnx.update(flax_hook, nnx.state(default))
+    want = reference.layer_norm(x, default.scale[...], default.bias[...], epsilon=default.epsilon)
+    assert default(x).dtype == flax_hook(x).dtype == jnp.float16
+    assert _ulps(default(x), want).max() <= 0.5 + 2**-8
+    assert _ulps(flax_hook(x), want).max() > 1.0  # the input's rounding, amplified by the normalization

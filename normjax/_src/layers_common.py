@@ -4,7 +4,8 @@
 same for both, is here as pure functions of arrays and static configuration:
 
 - axes: Flax's ``axis`` / ``reduction_axes`` / ``feature_axes`` / GroupNorm's grouping, validated with clear
-  errors and turned into the core's reduction and feature axes;
+  errors and turned into the core's reduction and feature axes (each message starts with Flax's own sentence
+  for the same mistake, so code that matches Flax's errors keeps working);
 - dtypes: Flax's output dtype rule (``dtype`` if given, else the promotion of the input, scale and bias), and
   running statistics kept real, at least float32 and complex for complex inputs;
 - when to synchronize: never while a linen model is being initialized, so ``model.init`` needs no bound axis;
@@ -92,6 +93,19 @@ def widen(x, out_dtype) -> jax.Array:
     floating, as Flax accepts), so the core computes in >= float32 and rounds once, to the output dtype."""
     x = jnp.asarray(x)
     return x.astype(jnp.promote_types(x.dtype, out_dtype))
+
+
+def promote_exactly(args: Sequence[jax.Array | None], /, *, dtype=None) -> tuple[jax.Array | None, ...]:
+    """The nnx layers' default ``promote_dtype`` hook: Flax's signature, normjax's rounding (once, at the end).
+
+    Each array is cast to the promotion of its dtype and the layer's output dtype (:func:`output_dtype` of all
+    of them), which never narrows: with ``dtype=float16`` a float32 input stays float32 and the core rounds once,
+    to float16, exactly as the linen layer does, so linen and nnx give bit-identical outputs. Flax's own hook,
+    ``flax.nnx.nn.dtypes.promote_dtype``, first casts the input to ``dtype`` (rounding it before its statistics
+    are computed); pass it as ``promote_dtype`` to reproduce Flax nnx bit for bit.
+    """
+    out = output_dtype(*args, dtype=dtype)
+    return tuple(None if a is None else widen(a, out) for a in args)
 
 
 def feature_shape(shape: Sequence[int], axes: axes_lib.Axes, name: str) -> tuple[int, ...]:
@@ -283,21 +297,33 @@ def instance_norm_axes(ndim: int, feature_axes: axes_lib.Axes) -> tuple[tuple[in
     features = axes_lib.canonicalize_axes(feature_axes, ndim, "feature_axes")
     if 0 in features:
         raise ValueError(
-            f"`feature_axes`={feature_axes!r} includes axis 0, but InstanceNorm treats axis 0 as the batch axis "
-            f"(input rank {ndim}). Put the batch first and pass the channel axes (e.g. -1 for NHWC); for a single "
-            "example add a batch axis with `x[None]`."
+            "The channel axes cannot include the leading dimension as this is assumed to be the batch axis. "
+            f"`feature_axes`={feature_axes!r} includes axis 0 of the rank-{ndim} input. Put the batch first and "
+            "pass the channel axes (e.g. -1 for NHWC); for a single example add a batch axis with `x[None]`."
         )
     return features, axes_lib.complement((0,) + features, ndim)
 
 
-def group_count(channels: int, num_groups: int | None, group_size: int | None) -> int:
-    """The number of groups of a GroupNorm layer, validated as Flax does (exactly one of the two is given)."""
-    if num_groups is not None and group_size is not None:
+def group_count(channels: int, num_groups: int | None, group_size: int | None, channels_word="channels") -> int:
+    """The number of groups of a GroupNorm layer, validated as Flax does (exactly one of the two is given).
+
+    ``channels_word`` is the word of Flax's message for a group size that does not divide: "channels" in linen,
+    "features" in nnx.
+    """
+    if (num_groups is None) == (group_size is None):
         raise ValueError(
-            f"GroupNorm got both num_groups={num_groups!r} and group_size={group_size!r}; give exactly one. "
-            "`num_groups` defaults to 32, so to set `group_size` also pass `num_groups=None`."
+            "Either `num_groups` or `group_size` should be specified. If `group_size` is to be specified, pass "
+            "`num_groups=None` as argument to override the default `num_groups` value of 32. "
+            f"GroupNorm got num_groups={num_groups!r} and group_size={group_size!r}; give exactly one."
         )
-    return axes_lib.check_groups(channels, num_groups, group_size)
+    try:
+        return axes_lib.check_groups(channels, num_groups, group_size)
+    except ValueError as error:
+        if num_groups is not None:
+            flax_sentence = f"Number of groups ({num_groups}) does not divide the number of channels ({channels})."
+        else:
+            flax_sentence = f"Number of {channels_word} ({channels}) is not multiple of the group size ({group_size})."
+        raise ValueError(f"{flax_sentence} {error}") from None
 
 
 def _group_reduction_axes(ndim: int, reduction_axes: axes_lib.Axes | None) -> tuple[int, ...]:
@@ -307,6 +333,7 @@ def _group_reduction_axes(ndim: int, reduction_axes: axes_lib.Axes | None) -> tu
     axes = axes_lib.canonicalize_axes(reduction_axes, ndim, "reduction_axes")
     if ndim - 1 not in axes:
         raise ValueError(
+            "The reduction axes must include the final dimension as this is assumed to be the feature axis. "
             f"`reduction_axes`={reduction_axes!r} must include the last axis, GroupNorm's channel axis (the "
             f"channels of a group are always reduced together); input rank {ndim}. Add -1, e.g. "
             f"`reduction_axes={tuple(a - ndim for a in axes) + (-1,)}`."

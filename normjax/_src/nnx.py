@@ -3,7 +3,9 @@
 Each layer has the constructor of Flax's layer of the same name (same arguments, order and defaults, the same
 ``rngs`` draws) and the same ``nnx.Param`` / ``nnx.BatchStat`` attributes, so ``nnx.state`` trees and
 checkpoints move both ways. Calls go through :mod:`normjax._src.layers_common`, the translation linen uses
-too; there is no arithmetic here.
+too; there is no arithmetic here. The one deliberate difference from Flax nnx is the default ``promote_dtype``
+(:func:`normjax._src.layers_common.promote_exactly`): it never rounds the input to a narrower ``dtype`` before
+the statistics, so an nnx layer and its linen twin give the same bits.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.module import first_from
-from flax.nnx.nn import dtypes, initializers
+from flax.nnx.nn import initializers
 from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
 
 from normjax._src import axes as axes_lib
@@ -83,7 +85,9 @@ class BatchNorm(nnx.Module):
       axis_index_groups: groups of indices along ``axis_name`` synchronized separately.
       use_fast_variance: accepted for Flax compatibility; ignored.
       promote_dtype: Flax's hook applied to ``(x, mean, var, scale, bias)`` with ``dtype=dtype`` before
-        normalizing; the running statistics are updated in their own dtype.
+        normalizing; the running statistics are updated in their own dtype. The default casts nothing to a
+        narrower dtype, so the output is rounded once and equals the linen layer's bit for bit; Flax's default
+        (``flax.nnx.nn.dtypes.promote_dtype``) rounds ``x`` and the statistics to ``dtype`` first.
       rngs: the random number generators (one ``params`` draw per created parameter, as in Flax).
       bias_metadata: metadata of the bias ``nnx.Param``.
       scale_metadata: metadata of the scale ``nnx.Param``.
@@ -130,7 +134,7 @@ class BatchNorm(nnx.Module):
         axis_name: str | None = None,
         axis_index_groups: Any = None,
         use_fast_variance: bool = True,
-        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+        promote_dtype: PromoteDtypeFn = common.promote_exactly,
         rngs: nnx.Rngs,
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
@@ -178,8 +182,8 @@ class BatchNorm(nnx.Module):
             use_running_average,
             self.use_running_average,
             error_msg=(
-                "No `use_running_average` was given to BatchNorm: pass it to the constructor, to the call "
-                "(`bn(x, use_running_average=True)`), or set it with `model.train()` / `model.eval()`."
+                "No `use_running_average` argument was provided to BatchNorm. Pass it to the constructor, to the "
+                "call (`bn(x, use_running_average=True)`), or set it with `model.train()` / `model.eval()`."
             ),
         )
         common.check_input_features(x, self.axis, "axis", self.num_features, "BatchNorm")
@@ -241,7 +245,9 @@ class LayerNorm(nnx.Module):
       axis_name: name(s) of a mapped axis over which the statistics are also computed.
       axis_index_groups: groups of indices along ``axis_name``.
       use_fast_variance: accepted for Flax compatibility; ignored.
-      promote_dtype: Flax's hook applied to ``(x, scale, bias)`` with ``dtype=dtype`` before normalizing.
+      promote_dtype: Flax's hook applied to ``(x, scale, bias)`` with ``dtype=dtype`` before normalizing. The
+        default casts nothing to a narrower dtype, so the output is rounded once and equals the linen layer's
+        bit for bit; Flax's default (``flax.nnx.nn.dtypes.promote_dtype``) rounds ``x`` to ``dtype`` first.
       rngs: the random number generators (one ``params`` draw per created parameter, as in Flax).
       bias_metadata: metadata of the bias ``nnx.Param``.
       scale_metadata: metadata of the scale ``nnx.Param``.
@@ -274,7 +280,7 @@ class LayerNorm(nnx.Module):
         axis_name: str | None = None,
         axis_index_groups: Any = None,
         use_fast_variance: bool = True,
-        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+        promote_dtype: PromoteDtypeFn = common.promote_exactly,
         rngs: nnx.Rngs,
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
@@ -336,7 +342,9 @@ class RMSNorm(nnx.Module):
       axis_name: name(s) of a mapped axis over which the statistics are also computed.
       axis_index_groups: groups of indices along ``axis_name``.
       use_fast_variance: accepted for Flax compatibility; ignored.
-      promote_dtype: Flax's hook applied to ``(x, scale)`` with ``dtype=dtype`` before normalizing.
+      promote_dtype: Flax's hook applied to ``(x, scale)`` with ``dtype=dtype`` before normalizing. The default
+        casts nothing to a narrower dtype, so the output is rounded once and equals the linen layer's bit for
+        bit; Flax's default (``flax.nnx.nn.dtypes.promote_dtype``) rounds ``x`` to ``dtype`` first.
       rngs: the random number generators (one ``params`` draw for the scale, as in Flax).
       scale_metadata: metadata of the scale ``nnx.Param``.
 
@@ -366,7 +374,7 @@ class RMSNorm(nnx.Module):
         axis_name: str | None = None,
         axis_index_groups: Any = None,
         use_fast_variance: bool = True,
-        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+        promote_dtype: PromoteDtypeFn = common.promote_exactly,
         rngs: nnx.Rngs,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
@@ -427,7 +435,9 @@ class GroupNorm(nnx.Module):
       axis_name: name(s) of a mapped axis over which the statistics are also computed.
       axis_index_groups: groups of indices along ``axis_name``.
       use_fast_variance: accepted for Flax compatibility; ignored.
-      promote_dtype: Flax's hook applied to ``(x, scale, bias)`` with ``dtype=dtype`` before normalizing.
+      promote_dtype: Flax's hook applied to ``(x, scale, bias)`` with ``dtype=dtype`` before normalizing. The
+        default casts nothing to a narrower dtype, so the output is rounded once and equals the linen layer's
+        bit for bit; Flax's default (``flax.nnx.nn.dtypes.promote_dtype``) rounds ``x`` to ``dtype`` first.
       rngs: the random number generators (one ``params`` draw per created parameter, as in Flax).
       bias_metadata: metadata of the bias ``nnx.Param``.
       scale_metadata: metadata of the scale ``nnx.Param``.
@@ -461,14 +471,14 @@ class GroupNorm(nnx.Module):
         axis_name: str | None = None,
         axis_index_groups: Any = None,
         use_fast_variance: bool = True,
-        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+        promote_dtype: PromoteDtypeFn = common.promote_exactly,
         rngs: nnx.Rngs,
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
         common.check_num_features(num_features, "GroupNorm")
         self.feature_axis = -1
-        self.num_groups = common.group_count(num_features, num_groups, group_size)
+        self.num_groups = common.group_count(num_features, num_groups, group_size, "features")
         self.group_size = num_features // self.num_groups
         self.scale = _param(use_scale, scale_init, num_features, param_dtype, rngs, scale_metadata)
         self.bias = _param(use_bias, bias_init, num_features, param_dtype, rngs, bias_metadata)
@@ -526,7 +536,9 @@ class InstanceNorm(nnx.Module):
       axis_name: name(s) of a mapped axis over which the statistics are also computed.
       axis_index_groups: groups of indices along ``axis_name``.
       use_fast_variance: accepted for Flax compatibility; ignored.
-      promote_dtype: Flax's hook applied to ``(x, scale, bias)`` with ``dtype=dtype`` before normalizing.
+      promote_dtype: Flax's hook applied to ``(x, scale, bias)`` with ``dtype=dtype`` before normalizing. The
+        default casts nothing to a narrower dtype, so the output is rounded once and equals the linen layer's
+        bit for bit; Flax's default (``flax.nnx.nn.dtypes.promote_dtype``) rounds ``x`` to ``dtype`` first.
       rngs: the random number generators (one ``params`` draw per created parameter, as in Flax).
       bias_metadata: metadata of the bias ``nnx.Param``.
       scale_metadata: metadata of the scale ``nnx.Param``.
@@ -559,7 +571,7 @@ class InstanceNorm(nnx.Module):
         axis_name: str | None = None,
         axis_index_groups: Any = None,
         use_fast_variance: bool = True,
-        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+        promote_dtype: PromoteDtypeFn = common.promote_exactly,
         rngs: nnx.Rngs,
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
