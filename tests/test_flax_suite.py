@@ -18,6 +18,26 @@ import normjax.nnx
 
 __all__ = ["NormalizationTest", "TestLinenConsistency"]  # collected by pytest as unittest classes
 
+# Flax's test_layer_norm with use_fast_variance=False adds 1e6 to its input and compares with a float32 one-liner
+# whose mean is rounded to float32 at 1e6 (an ulp of 0.0625): that reference is 0.037 from the float64 answer.
+# normjax's is 1.2e-7 from it (exact shifted sums), so it fails the 1e-3 comparison by being right; the
+# float64 version of the same check is `test_flax_large_offset_layer_norm_is_exact_in_float64` below.
+NormalizationTest.test_layer_norm4 = pytest.mark.skip(reason="reference rounds the mean at 1e6; see above")(
+    NormalizationTest.test_layer_norm4
+)
+
+
+def test_flax_large_offset_layer_norm_is_exact_in_float64():
+    import jax
+    import numpy as np
+
+    key1, key2 = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(key1, (2, 3, 4)) + 1e6
+    y, _ = linen.LayerNorm(use_bias=False, use_scale=False, epsilon=1e-5).init_with_output(key2, x)
+    x64 = np.asarray(x, np.float64)
+    want = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(y, want, atol=1e-5)
+
 
 @pytest.mark.parametrize("layer", NORM_LAYERS)
 def test_the_suite_runs_normjax_layers_and_flax_everything_else(layer):

@@ -156,7 +156,13 @@ def check_input_features(x, axes, axes_name: str, num_features: int, layer: str)
 def check_several_values(
     shape: tuple[int, ...], reduction_axes, axis_name, axis_index_groups, *, layer: str, initializing: bool
 ) -> None:
-    """A layer's one-value-per-statistic check: the core's, but naming the layer's ``reduction_axes``."""
+    """A layer's one-value-per-statistic check: the core's, but naming the layer's ``reduction_axes``.
+
+    Only BatchNorm refuses it (as PyTorch and normjax's functions do); Flax's per-example layers accept one value
+    per statistic (their output is then the bias), and so do these drop-in layers.
+    """
+    if layer != "BatchNorm":
+        return
     if initializing and axis_name is not None:
         return  # not synchronized during init; the training call decides
     axes = axes_lib.canonicalize_axes(reduction_axes, len(shape), "reduction_axes")
@@ -169,7 +175,7 @@ def check_several_values(
         axes_lib.ONE_VALUE_FIX["instance_norm"]
         if layer == "InstanceNorm"
         else "Check `reduction_axes` (and `feature_axes`): they must reduce axes holding more than one element.",
-        empty_only=layer in ("LayerNorm", "RMSNorm"),
+        empty_only=False,
     )
 
 
