@@ -146,8 +146,6 @@ CASES = [
     ("instance-norm-no-spatial", lambda: nj.instance_norm(X), ValueError, "axis"),
     ("instance-norm-one-pixel", lambda: nj.instance_norm(jnp.ones((2, 1, 1, 3))), ValueError, "axis"),
     ("group-norm-one-value", lambda: nj.group_norm(X, group_size=1), ValueError, "num_groups"),
-    ("instance-norm-linen", lambda: njn.InstanceNorm().init(jax.random.key(0), X), ValueError, "axis"),
-    ("instance-norm-nnx", lambda: njx.InstanceNorm(6, rngs=nnx.Rngs(0))(X), ValueError, "axis"),
     (
         "layer-norm-linen-no-axis",
         lambda: njn.LayerNorm(reduction_axes=()).init(jax.random.key(0), X),
@@ -646,3 +644,10 @@ def test_warnings_stay_errors_here():
         warnings.simplefilter("error")
         nj.init_batch_norm_state(3, jnp.float64)
         nj.layer_norm(X, epsilon=np.float64(1e-6))
+
+
+def test_instance_norm_layers_accept_one_value_per_statistic_as_flax_does():
+    """Flax's own InstanceNorm tests normalize (N, C) inputs: nothing is reduced and the output is the bias."""
+    variables = njn.InstanceNorm().init(jax.random.key(0), X)
+    np.testing.assert_array_equal(njn.InstanceNorm().apply(variables, X), jnp.zeros_like(X))
+    np.testing.assert_array_equal(njx.InstanceNorm(6, rngs=nnx.Rngs(0))(X), jnp.zeros_like(X))

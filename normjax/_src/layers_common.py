@@ -158,10 +158,11 @@ def check_several_values(
 ) -> None:
     """A layer's one-value-per-statistic check: the core's, but naming the layer's ``reduction_axes``.
 
-    Only BatchNorm refuses it (as PyTorch and normjax's functions do); Flax's per-example layers accept one value
-    per statistic (their output is then the bias), and so do these drop-in layers.
+    As in Flax: BatchNorm refuses one value per statistic (as PyTorch does); LayerNorm, RMSNorm and GroupNorm
+    refuse only an empty set of reduced axes; InstanceNorm accepts both (Flax's own tests normalize (N, C) inputs
+    with it: the output is then the bias).
     """
-    if layer != "BatchNorm":
+    if layer == "InstanceNorm":
         return
     if initializing and axis_name is not None:
         return  # not synchronized during init; the training call decides
@@ -175,7 +176,7 @@ def check_several_values(
         axes_lib.ONE_VALUE_FIX["instance_norm"]
         if layer == "InstanceNorm"
         else "Check `reduction_axes` (and `feature_axes`): they must reduce axes holding more than one element.",
-        empty_only=False,
+        empty_only=layer != "BatchNorm",
     )
 
 
