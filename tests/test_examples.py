@@ -28,7 +28,7 @@ def test_example_runs_quick_and_writes_outputs(script, tmp_path):
     pngs, modules = CASES[script]
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        pytest.skip(f"optional example dependencies not installed: {missing} (pip install 'normjax[examples]')")
+        pytest.skip(f"optional example dependencies not installed: {missing} (pip install '.[examples]')")
     out, data = tmp_path / "out", tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the script asks for its own 8 host devices
     env["JAX_PLATFORMS"] = "cpu"
