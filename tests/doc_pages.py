@@ -70,5 +70,8 @@ def _run_doctest(code: str, namespace: dict, where: str) -> None:
 
 
 if __name__ == "__main__":
+    # A reader's interactive session in the current directory imports from there (a checkout's normjax), not
+    # from this script's directory.
+    sys.path[0] = ""
     for argument in sys.argv[1:]:
         run_page(Path(argument))

@@ -18,7 +18,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from doc_pages import code_blocks
+from doc_pages import FENCE, code_blocks
 
 import normjax
 import normjax.linen
@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 BUILD_TIMEOUT_S = 300
 PAGE_TIMEOUT_S = 300
+MAX_CODE_LINE = 84
 
 
 def public_modules() -> dict[str, object]:
@@ -104,6 +105,24 @@ def test_code_in_docs_runs_as_pasted_in_a_fresh_process(page):
     command = [sys.executable, str(Path(__file__).with_name("doc_pages.py")), relative]
     result = subprocess.run(command, capture_output=True, text=True, timeout=PAGE_TIMEOUT_S, cwd=ROOT, env=env)
     assert result.returncode == 0, f"{relative} fails when its blocks are pasted in order:\n{result.stderr[-6000:]}"
+
+
+def test_code_lines_fit_the_sites_width():
+    """The docs theme shows about 85 characters of code without scrolling; longer input lines overflow. (Output
+    lines of doctests and ``text`` blocks, e.g. error messages, are wrapped by the site's stylesheet.)"""
+    too_long = []
+    for page in sorted(p for p in DOCS.rglob("*.md") if "_build" not in p.parts):
+        text = page.read_text()
+        for match in FENCE.finditer(text):
+            if match["info"].strip().split(" ")[0] not in ("python", "pycon", "bash"):
+                continue
+            first_line = text.count("\n", 0, match.start()) + 2
+            doctest = ">>>" in match["body"]
+            for offset, line in enumerate(match["body"].splitlines()):
+                is_input = not doctest or line.lstrip().startswith((">>>", "..."))
+                if is_input and len(line) > MAX_CODE_LINE:
+                    too_long.append(f"{page.relative_to(ROOT)}:{first_line + offset} ({len(line)} characters)")
+    assert not too_long, f"code lines over {MAX_CODE_LINE} characters overflow on the site: {too_long}"
 
 
 def test_readme_links_point_to_existing_files():
