@@ -102,8 +102,9 @@ def plot_figure1(histories, out):
     ax.set(xlabel="step", ylabel="test accuracy")
     ax.set_title(f"(a) base learning rate:\n{leader} ends ahead", fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
-    shared = [min(h["percentiles"][:, 0].min() for h in histories.values()),
-              max(h["percentiles"][:, 0].max() for h in histories.values())]  # fmt: skip
+    low = min(h["percentiles"][:, 0].min() for h in histories.values())
+    high = max(h["percentiles"][:, 0].max() for h in histories.values())
+    shared = (low - 0.05 * (high - low), high + 0.05 * (high - low))  # one scale: the spreads compare by eye
     for ax, (label, history), name in zip(axes[0, 1:], histories.items(), "bc", strict=True):
         p = history["percentiles"][:, 0]  # (evals, 3) for the base learning rate
         ax.fill_between(history["step"], p[:, 0], p[:, 2], alpha=0.25)
@@ -112,7 +113,8 @@ def plot_figure1(histories, out):
         growth = (p[-1, 2] - p[-1, 0]) / (p[0, 2] - p[0, 0])
         ax.set(xlabel="step", ylabel="input of one sigmoid", ylim=shared)
         ax.set_title(f"({name}) {label}: 15-85 range x{growth:.2f}\nfrom first to last evaluation", fontsize=10)
-        ax.legend(fontsize=7, loc="best")
+        if name == "b":  # (c) has the same three lines
+            ax.legend(fontsize=7, loc="best")
     for ax in axes[0]:
         ax.grid(alpha=0.3)
     C.save_figure(fig, out / "figure1.png")
