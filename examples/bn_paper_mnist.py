@@ -135,7 +135,7 @@ def plot_learning_rates(histories, base_lr, out):
 
 
 def main(argv=None):
-    runtimes = "about 1.5 minutes in full mode (50 000 steps), about 20 s with --quick"
+    runtimes = "about 1.5 minutes in full mode (50 000 steps), about 10 s with --quick"
     args = C.parse_args(__doc__.splitlines()[0], "bn_paper_mnist", argv, runtimes=runtimes)
     started = time.time()
     data = C.load_mnist5k(args.seed)

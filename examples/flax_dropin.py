@@ -372,7 +372,7 @@ def plot(results: dict, flax_curves: dict, schedule: dict, path) -> None:
 
 
 def main(argv=None):
-    runtimes = "about 3 minutes in full mode (1500 + 300 steps per model), about 40 s with --quick"
+    runtimes = "about 20 s in full mode (1500 + 300 steps per model), about 15 s with --quick"
     args = C.parse_args(__doc__.splitlines()[0], "flax_dropin", argv, runtimes=runtimes)
     started = time.time()
     data = C.load_digits(args.seed)

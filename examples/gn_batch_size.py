@@ -90,7 +90,7 @@ def train(data, norm, per_worker_batch, epochs, seed, strided_block):
 
 
 def main(argv=None):
-    runtimes = "about 8 minutes in full mode (5 norms x 5 batch sizes, 20 epochs of MNIST-1D), about 40 s with --quick"
+    runtimes = "about 8 minutes in full mode (5 norms x 5 batch sizes, 20 epochs of MNIST-1D), about 25 s with --quick"
     args = C.parse_args(__doc__.splitlines()[0], "gn_batch_size", argv, runtimes=runtimes)
     started = time.time()
     if args.quick:

@@ -148,7 +148,7 @@ def train(variant, norm, data, devices, *, steps, chunk, per_device_batch, learn
 
 
 def main(argv=None):
-    runtimes = "about 30 s in full mode (1000 steps on MNIST-1D), about 20 s with --quick"
+    runtimes = "about 30 s in full mode (1000 steps on MNIST-1D), about 10 s with --quick"
     args = C.parse_args(__doc__.splitlines()[0], "multi_device_training", argv, runtimes=runtimes)
     started = time.time()
     data = C.load_digits(args.seed) if args.quick else C.load_mnist1d(args.data_dir)

@@ -64,7 +64,7 @@ def evaluate(params, states, x, y, *, use_bn):
 
 
 def main(argv=None):
-    runtimes = "about 1 minute in full mode (2 x 39 models, 3000 steps on MNIST-1D), about 15 s with --quick"
+    runtimes = "about 1 minute in full mode (2 x 39 models, 3000 steps on MNIST-1D), about 5 s with --quick"
     args = C.parse_args(__doc__.splitlines()[0], "vmap_sweep", argv, runtimes=runtimes)
     started = time.time()
     if args.quick:
