@@ -398,7 +398,7 @@ def _machine() -> dict:
 
 
 SMOKE_RUN = (
-    "Smoke run (--quick): small shapes and two rounds check that every implementation runs; its timings mean "
+    "Smoke run (--quick): small shapes and few rounds check that every implementation runs; its timings mean "
     "nothing. Run without --quick for the numbers."
 )
 
@@ -513,9 +513,9 @@ def main(argv=None):
         help="vmap every JAX implementation over E members, each with 1/E of each case's batch (no PyTorch)",
     )
     args = parser.parse_args(argv)
+    _timing.quiet_process()  # may re-execute this script: say nothing before it
     if args.quick:
         print(SMOKE_RUN, flush=True)
-    _timing.quiet_process()
     torch.set_num_threads(1)  # XLA:CPU runs single-threaded too (see _timing.py)
     rounds = args.rounds or (2 if args.quick else 9)
     args.out.mkdir(parents=True, exist_ok=True)
