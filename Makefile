@@ -1,6 +1,8 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   - creates .venv, installs normjax, runs the flagship example in quick mode
-#   make test   - creates .venv, installs normjax with its test extras, runs the whole test suite
+#   make demo   - creates .venv, installs normjax with the examples' extras only, runs the flagship example
+#                 in quick mode
+#   make test   - creates .venv, installs normjax with every extra (tests, examples, docs, equinox, aot), runs the whole
+#                 test suite
 #   make accelerators - what each norm costs on a GPU (H100) and a TPU (v5e), from their compilers (no device)
 PYTHON ?= python3
 VENV := .venv
@@ -10,13 +12,22 @@ OUT ?= outputs
 
 .PHONY: demo test bench accelerators docs clean
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[test,equinox,examples,docs,dev,aot]"
 	touch $(STAMP)
 
-demo: $(STAMP)
+# The demo needs the library and the examples' extras only: no PyTorch, no test or docs tools.
+DEMO_STAMP := $(VENV)/.installed-demo
+
+$(DEMO_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[examples]"
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(BIN)/python examples/multi_device_training.py --quick --out $(OUT)/multi_device_training
 
 test: $(STAMP)

@@ -9,7 +9,7 @@ gave ratios 2.5x apart in two runs. Three causes, three fixes:
   whichever program happens to get the fresh buffer. ``MALLOC_TRIM_THRESHOLD_``/``MALLOC_MMAP_THRESHOLD_``/
   ``MALLOC_TOP_PAD_`` keep freed memory in the process.
 * **Threads.** XLA:CPU and PyTorch each run a thread pool over the two cores and compete with anything else on
-  the machine; the issue's reference numbers are for one core. Everything runs on one pinned core with
+  the machine; the published numbers are for one core. Everything runs on one pinned core with
   single-threaded XLA (``--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1``) and PyTorch
   (``torch.set_num_threads(1)``).
 * **Cold calls.** Each sample is a block of ``calls_per_sample`` back-to-back calls after one untimed call, so

@@ -7,7 +7,7 @@ Repetitions are interleaved (every configuration once per round) and medians rep
 hit every configuration alike. Collective bytes are read from the compiled HLO: the all-reduce operand bytes per
 device of the whole step and of a single ``batch_norm`` call. One synchronized BatchNorm forward+backward is also
 timed against ``flax.linen.BatchNorm(axis_name=...)``. A last section shows why equal-weight averaging of device
-means is wrong, on the issue's probe of 4 devices holding 8, 1, 1 and 1 valid rows.
+means is wrong, on a probe of 4 devices holding 8, 1, 1 and 1 valid rows.
 
 Usage::
 
@@ -132,7 +132,7 @@ def batch_norm_call_bytes(mesh: Mesh, features: int, masked: bool, backward: boo
 
 
 def equal_weight_probe() -> dict:
-    """The issue's probe: 4 devices hold 8, 1, 1, 1 valid rows. Flax's pmean of device means vs normjax."""
+    """The probe: 4 devices hold 8, 1, 1, 1 valid rows. Flax's pmean of device means vs normjax."""
     import flax.linen as nn
 
     x = np.zeros((4, 8, 1), np.float32)
@@ -308,12 +308,13 @@ def run(quick: bool) -> dict:
 
 def to_markdown(result: dict) -> str:
     cfg = result["config"]
+    mode = " (quick mode: a smoke run, its timings mean nothing)" if cfg["quick"] else ""
     lines = [
         "# Synchronized vs local BatchNorm: step time and collective bytes",
         "",
         f"Conv net {cfg['channels']} channels, per-device batch {cfg['per_device_batch']} of {cfg['image']} images, "
         f"optax SGD; {cfg['rounds']} interleaved rounds of {cfg['steps_per_timing']} steps. "
-        f"jax {cfg['jax']}, {cfg['machine']}{' (quick mode)' if cfg['quick'] else ''}.",
+        f"jax {cfg['jax']}, {cfg['machine']}{mode}.",
         "",
         "Times are the median (min) over rounds; sync / local is the median of the per-round ratios, with their "
         "interquartile range.",
@@ -372,7 +373,9 @@ def to_markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="directory for results.json and results.md")
-    parser.add_argument("--quick", action="store_true", help="small shapes and few rounds (< 60 s)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run: small shapes, few rounds (< 60 s); its timings mean nothing"
+    )
     args = parser.parse_args()
     result = run(args.quick)
     args.out.mkdir(parents=True, exist_ok=True)

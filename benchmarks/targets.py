@@ -1,4 +1,7 @@
-"""Issue 7's targets checked against one or more runs of ``run.py``: a markdown table, one column per run.
+"""normjax's speed targets checked against one or more runs of ``run.py``: a markdown table, one column per run.
+
+The targets: normjax's forward takes at most 1.05x (BatchNorm) or 1.0x (the other norms) the time of
+``flax.linen``'s default layer, and its forward+backward at most 0.8x, with the stable two-pass variance.
 
 Usage::
 

