@@ -168,7 +168,8 @@ def channels_first(data: C.Dataset) -> C.Dataset:
 
 
 def main(argv=None):
-    args = C.parse_args(__doc__.splitlines()[0], "equinox_convnet", argv)
+    runtimes = "about 55 s in full mode (1000 steps on digits), about 25 s with --quick"
+    args = C.parse_args(__doc__.splitlines()[0], "equinox_convnet", argv, runtimes=runtimes)
     started = time.time()
     data = channels_first(C.load_digits(args.seed))
     devices = C.devices(8)
