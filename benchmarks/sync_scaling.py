@@ -1,13 +1,14 @@
-"""What synchronized BatchNorm costs: step time of a small conv net, local vs synchronized, on 1-8 devices.
+"""What synchronized BatchNorm costs: step time of a small conv net, local vs synchronized vs Flax, on 1-8 devices.
 
 For 1, 2, 4 and 8 simulated CPU devices (weak scaling: a fixed per-device batch), one data-parallel training step
 of a small conv net (three conv + BatchNorm + ReLU blocks, a linear head, optax SGD) is timed with per-device
-BatchNorm statistics (``axis_name=None``) and with statistics synchronized over the devices (``axis_name="d"``).
+BatchNorm statistics (``axis_name=None``), with statistics synchronized over the devices (``axis_name="d"``), and
+with ``flax.linen.BatchNorm(axis_name="d")`` (Flax's default one-pass variance) in the same step.
 Repetitions are interleaved (every configuration once per round) and medians reported, so drifts in machine load
-hit every configuration alike. Collective bytes are read from the compiled HLO: the all-reduce operand bytes per
-device of the whole step and of a single ``batch_norm`` call. One synchronized BatchNorm forward+backward is also
-timed against ``flax.linen.BatchNorm(axis_name=...)``. A last section shows why equal-weight averaging of device
-means is wrong, on a probe of 4 devices holding 8, 1, 1 and 1 valid rows.
+hit every configuration alike. Collectives (all-reduces and all-gathers, ops and bytes per device) are read from
+the compiled HLO of the whole step and of a single ``batch_norm`` call. One synchronized BatchNorm
+forward+backward is also timed against ``flax.linen.BatchNorm(axis_name=...)``. A last section shows why
+equal-weight averaging of device means is wrong, on a probe of 4 devices holding 8, 1, 1 and 1 valid rows.
 
 Usage::
 
@@ -61,19 +62,32 @@ def init_model(key, in_channels: int):
     return params, states
 
 
-def forward(params, states, images, axis_name):
+def flax_batch_norm(h, state, scale, bias, axis_name):
+    """``flax.linen.BatchNorm`` with its defaults (one-pass variance), as a function of explicit state."""
+    import flax.linen as nn
+
+    module = nn.BatchNorm(use_running_average=False, momentum=0.99, epsilon=1e-5, axis_name=axis_name)
+    variables = {"params": {"scale": scale, "bias": bias}, "batch_stats": {"mean": state.mean, "var": state.var}}
+    y, updates = module.apply(variables, h, mutable=["batch_stats"])
+    return y, normjax.BatchNormState(updates["batch_stats"]["mean"], updates["batch_stats"]["var"])
+
+
+def forward(params, states, images, axis_name, norm="normjax"):
     """Conv (stride 2 after the first block) -> BatchNorm -> ReLU, three times; mean-pool; linear head."""
     h, new_states = images, []
     for i, (block, state) in enumerate(zip(params["blocks"], states, strict=True)):
         h = jax.lax.conv_general_dilated(
             h, block["kernel"], (1, 1) if i == 0 else (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
-        h, state = normjax.batch_norm(h, state, block["scale"], block["bias"], training=True, axis_name=axis_name)
+        if norm == "flax":
+            h, state = flax_batch_norm(h, state, block["scale"], block["bias"], axis_name)
+        else:
+            h, state = normjax.batch_norm(h, state, block["scale"], block["bias"], training=True, axis_name=axis_name)
         h, new_states = jax.nn.relu(h), [*new_states, state]
     return jnp.mean(h, axis=(1, 2)) @ params["head"], new_states
 
 
-def make_train_step(mesh: Mesh, synchronized: bool, optimizer):
+def make_train_step(mesh: Mesh, synchronized: bool, optimizer, norm: str = "normjax"):
     """One data-parallel SGD step (shard_map over the mesh's 'd' axis), to be jitted.
 
     The loss is the global mean (``pmean``), so under shard_map's varying-axes tracking the gradients of the
@@ -88,7 +102,7 @@ def make_train_step(mesh: Mesh, synchronized: bool, optimizer):
         local_states = per_device(lambda a: a[0], states)
 
         def loss_fn(params):
-            logits, new_states = forward(params, local_states, images, bn_axis)
+            logits, new_states = forward(params, local_states, images, bn_axis, norm)
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
             return jax.lax.pmean(loss, "d"), new_states
 
@@ -103,17 +117,17 @@ def make_train_step(mesh: Mesh, synchronized: bool, optimizer):
     return jax.jit(step, donate_argnums=(0, 1, 2))
 
 
-def all_reduce_bytes(hlo_text: str) -> tuple[int, int]:
-    """(number of all-reduce ops, total bytes of their operands per device) in compiled HLO text."""
+def collective_bytes(hlo_text: str, kind: str = "all-reduce") -> tuple[int, int]:
+    """(number of ``kind`` ops, e.g. all-reduce or all-gather, and their result bytes per device) in HLO text."""
     ops, total = 0, 0
-    for match in re.finditer(r"=\s*(.+?)\s+all-reduce(?:-start)?\(", hlo_text):
+    for match in re.finditer(rf"=\s*(.+?)\s+{kind}(?:-start)?\(", hlo_text):
         ops += 1
         for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", match.group(1)):
             total += _BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64))
     return ops, total
 
 
-def batch_norm_call_bytes(mesh: Mesh, features: int, masked: bool, backward: bool) -> tuple[int, int]:
+def batch_norm_call_collectives(mesh: Mesh, features: int, masked: bool, backward: bool) -> dict:
     """All-reduce (ops, bytes per device) of one synchronized batch_norm on (N, 4, 4, features), optionally + grad."""
 
     def loss(x, mask):
@@ -128,7 +142,8 @@ def batch_norm_call_bytes(mesh: Mesh, features: int, masked: bool, backward: boo
     mask = jnp.ones((2 * n, 4, 4, 1), bool)
     if not backward:  # the forward loss is varying; make it a per-device output
         f = jax.jit(jax.shard_map(lambda x, m: call(x, m)[None], mesh=mesh, in_specs=P("d"), out_specs=P("d")))
-    return all_reduce_bytes(f.lower(x, mask).compile().as_text())
+    hlo = f.lower(x, mask).compile().as_text()
+    return {kind: collective_bytes(hlo, kind) for kind in ("all-reduce", "all-gather")}
 
 
 def equal_weight_probe() -> dict:
@@ -225,8 +240,8 @@ def bn_call_bytes(features: int = 32) -> list[dict]:
     rows = []
     for masked in (False, True):
         for backward in (False, True):
-            ops, nbytes = batch_norm_call_bytes(mesh, features, masked, backward)
-            rows.append({"features": features, "masked": masked, "with_grad": backward, "ops": ops, "bytes": nbytes})
+            found = batch_norm_call_collectives(mesh, features, masked, backward)
+            rows.append({"features": features, "masked": masked, "with_grad": backward, **found})
     return rows
 
 
@@ -236,28 +251,36 @@ def run(quick: bool) -> dict:
     optimizer = optax.sgd(0.05)
     rng = np.random.default_rng(0)
     results = {}
+    modes = ("local", "sync", "flax_sync")  # per-device normjax, synchronized normjax, synchronized Flax default
     for n in DEVICE_COUNTS:
         mesh = Mesh(np.array(jax.devices()[:n]), ("d",))
         images = jnp.asarray(rng.normal(size=(n * per_device_batch, size, size, 3)), jnp.float32)
         labels = jnp.asarray(rng.integers(0, CLASSES, n * per_device_batch))
-        for synchronized in (False, True):
+        for mode in modes:
+            synchronized = mode != "local"
             params, states = init_model(jax.random.key(0), 3)
             if not synchronized:  # one running state per device
                 states = jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), states)  # noqa: B023
             carry = [params, optimizer.init(params), states]
             # Run the ahead-of-time compiled step itself, so each configuration compiles once.
-            step = make_train_step(mesh, synchronized, optimizer).lower(*carry, images, labels).compile()
-            ops, nbytes = all_reduce_bytes(step.as_text())
+            norm = "flax" if mode == "flax_sync" else "normjax"
+            step = make_train_step(mesh, synchronized, optimizer, norm).lower(*carry, images, labels).compile()
+            hlo = step.as_text()
             carry[:3] = step(*carry, images, labels)[:3]  # compile + warm up
             jax.block_until_ready(carry)
-            key = (n, synchronized)
-            results[key] = {"step": step, "carry": carry, "times": [], "ops": ops, "bytes": nbytes}
-            results[key]["data"] = (images, labels)
-    for round_index in range(rounds):  # interleaved: every configuration once per round, local/sync order alternating
+            results[(n, mode)] = {
+                "step": step,
+                "carry": carry,
+                "times": [],
+                "all_reduce": collective_bytes(hlo, "all-reduce"),
+                "all_gather": collective_bytes(hlo, "all-gather"),
+                "data": (images, labels),
+            }
+    for round_index in range(rounds):  # interleaved: every configuration once per round, order rotating
         for n in DEVICE_COUNTS:
-            pair = [(n, False), (n, True)]
-            for key in pair if round_index % 2 == 0 else pair[::-1]:
-                r = results[key]
+            shift = round_index % len(modes)
+            for mode in modes[shift:] + modes[:shift]:
+                r = results[(n, mode)]
                 start = time.perf_counter()
                 for _ in range(steps):
                     out = r["step"](*r["carry"], *r["data"])
@@ -265,27 +288,34 @@ def run(quick: bool) -> dict:
                 jax.block_until_ready(r["carry"])
                 r["times"].append((time.perf_counter() - start) / steps)
 
+    def paired(numerator, denominator):
+        # Each round times every mode back to back, so per-round ratios cancel slow load drifts.
+        ratios = [a / b for a, b in zip(numerator["times"], denominator["times"], strict=True)]
+        return statistics.median(ratios), np.percentile(ratios, [25, 75]).tolist()
+
     rows = []
     for n in DEVICE_COUNTS:
-        local, synced = results[(n, False)], results[(n, True)]
-        # Each round times local and sync back to back, so their ratio within a round cancels slow load drifts.
-        paired = [t_sync / t_local for t_sync, t_local in zip(synced["times"], local["times"], strict=True)]
-        quartiles = np.percentile(paired, [25, 75]).tolist()
+        local, synced, flax = (results[(n, mode)] for mode in modes)
+        sync_over_local, quartiles = paired(synced, local)
+        sync_over_flax, flax_quartiles = paired(synced, flax)
         rows.append(
             {
                 "devices": n,
                 "local_ms": 1e3 * statistics.median(local["times"]),
                 "sync_ms": 1e3 * statistics.median(synced["times"]),
-                "local_min_ms": 1e3 * min(local["times"]),
-                "sync_min_ms": 1e3 * min(synced["times"]),
-                "sync_over_local": statistics.median(paired),
+                "flax_sync_ms": 1e3 * statistics.median(flax["times"]),
+                "sync_over_local": sync_over_local,
                 "sync_over_local_quartiles": quartiles,
-                "local_times_s": local["times"],
-                "sync_times_s": synced["times"],
-                "local_step_all_reduce_ops": local["ops"],
-                "local_step_all_reduce_bytes": local["bytes"],
-                "sync_step_all_reduce_ops": synced["ops"],
-                "sync_step_all_reduce_bytes": synced["bytes"],
+                "sync_over_flax_sync": sync_over_flax,
+                "sync_over_flax_sync_quartiles": flax_quartiles,
+                "times_s": {mode: results[(n, mode)]["times"] for mode in modes},
+                "collectives": {
+                    mode: {
+                        "all_reduce": results[(n, mode)]["all_reduce"],
+                        "all_gather": results[(n, mode)]["all_gather"],
+                    }
+                    for mode in modes
+                },
             }
         )
     return {
@@ -300,7 +330,7 @@ def run(quick: bool) -> dict:
             "machine": f"{platform.machine()} {os.cpu_count()} CPU cores, {jax.device_count()} simulated devices",
         },
         "rows": rows,
-        "bn_call_all_reduce": bn_call_bytes(),
+        "bn_call_collectives": bn_call_bytes(),
         "call_time_vs_flax": call_time_vs_flax(quick),
         "equal_weight_probe": equal_weight_probe(),
     }
@@ -319,32 +349,40 @@ def to_markdown(result: dict) -> str:
         "Times are the median (min) over rounds; sync / local is the median of the per-round ratios, with their "
         "interquartile range.",
         "",
-        "| devices | local ms/step | sync ms/step | sync / local [IQR] | all-reduce ops/step local → sync | "
-        "all-reduce bytes/device/step local → sync |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| devices | local ms/step | sync ms/step | Flax sync ms/step | sync / local [IQR] | sync / Flax sync [IQR] |"
+        " collectives/step local; sync; Flax sync (all-reduce + all-gather) |",
+        "|---:|---:|---:|---:|---:|---:|---|",
     ]
+
+    def collectives(c):
+        return f"{c['all_reduce'][0]} + {c['all_gather'][0]}"
+
     for r in result["rows"]:
         q25, q75 = r["sync_over_local_quartiles"]
+        f25, f75 = r["sync_over_flax_sync_quartiles"]
+        c = r["collectives"]
         lines.append(
-            f"| {r['devices']} | {r['local_ms']:.2f} ({r['local_min_ms']:.2f}) | "
-            f"{r['sync_ms']:.2f} ({r['sync_min_ms']:.2f}) | {r['sync_over_local']:.2f} [{q25:.2f}, {q75:.2f}] | "
-            f"{r['local_step_all_reduce_ops']} → {r['sync_step_all_reduce_ops']} | "
-            f"{r['local_step_all_reduce_bytes']} → {r['sync_step_all_reduce_bytes']} |"
+            f"| {r['devices']} | {r['local_ms']:.2f} | {r['sync_ms']:.2f} | {r['flax_sync_ms']:.2f} | "
+            f"{r['sync_over_local']:.2f} [{q25:.2f}, {q75:.2f}] | "
+            f"{r['sync_over_flax_sync']:.2f} [{f25:.2f}, {f75:.2f}] | "
+            f"{collectives(c['local'])}; {collectives(c['sync'])}; {collectives(c['flax_sync'])} |"
         )
     lines += [
         "",
-        "Both steps all-reduce the gradients and the loss; the synchronized step also all-reduces the BatchNorm "
-        "statistics (forward) and their cotangents (backward). Local BatchNorm keeps one running state per device.",
+        "Every step all-reduces the gradients and the loss; a synchronized normjax step also gathers each "
+        "BatchNorm's statistics (forward, one all-gather) and all-reduces their cotangents (backward); Flax's "
+        "default all-reduces its one-pass sums. Local BatchNorm keeps one running state per device.",
         "",
         "One synchronized `batch_norm` call, from the compiled HLO (per device, any device count > 1):",
         "",
-        "| features | mask | pass | all-reduce ops | bytes/device |",
+        "| features | mask | pass | all-reduce ops, bytes | all-gather ops, bytes received |",
         "|---:|---|---|---:|---:|",
     ]
-    for r in result["bn_call_all_reduce"]:
+    for r in result["bn_call_collectives"]:
         lines.append(
             f"| {r['features']} | {'yes' if r['masked'] else 'no'} | "
-            f"{'forward + grad' if r['with_grad'] else 'forward'} | {r['ops']} | {r['bytes']} |"
+            f"{'forward + grad' if r['with_grad'] else 'forward'} | {r['all-reduce'][0]}, {r['all-reduce'][1]} | "
+            f"{r['all-gather'][0]}, {r['all-gather'][1]} |"
         )
     lines += [
         "",

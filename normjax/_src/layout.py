@@ -144,10 +144,10 @@ def _viewer(shape: tuple[int, ...], pattern: tuple[int, ...], tag: int, vary):
         if jnp.shape(a) == tuple(shape):
             return jnp.reshape(a, view_shape)
         a = jnp.reshape(a, (1,) * (len(shape) - jnp.ndim(a)) + jnp.shape(a))
-        mixed = [i for g in groups if len({a.shape[i] == 1 for i in g}) > 1 for i in g]
+        mixed = [i for g in groups if len({a.shape[i] == 1 for i in g if shape[i] != 1}) > 1 for i in g]
         if mixed:  # a group partly broadcast: make it whole
             a = jnp.broadcast_to(a, tuple(shape[i] if i in mixed else n for i, n in enumerate(a.shape)))
-        full = [k for k, g in enumerate(groups) if a.shape[g[0]] != 1]
+        full = [k for k, g in enumerate(groups) if any(a.shape[i] != 1 for i in g)]
         squeezed = vary(jnp.reshape(a, tuple(view_shape[tag + k] for k in full)))
         return jax.lax.broadcast_in_dim(squeezed, view_shape, tuple(tag + k for k in full))
 
