@@ -200,7 +200,11 @@ def main(argv=None):
     for what, diff in agreement.items():
         print(f"{what}: max |loss difference| over the first 3 steps = {diff:.1e}")
     gap = curves["synchronized, shard_map"][-1][1] - curves["per-device, shard_map"][-1][1]
-    print(f"final test accuracy, synchronized minus per-device BatchNorm (shard_map): {gap:+.3f}")
+    outcome = C.verdict(
+        gap > 0,
+        f"final test accuracy of synchronized minus per-device BatchNorm = {gap:+.3f} "
+        f"({per_device_batch} examples per device)",
+    )
 
     fig, axes = C.figure()
     ax = axes[0][0]
@@ -219,6 +223,7 @@ def main(argv=None):
         "steps": steps,
         "claim": CLAIM,
         "max_loss_diff_first_3_steps": agreement,
+        "verdict": outcome,
     }
     columns = ["BatchNorm", "final test acc", "best test acc", "final train loss", "seconds"]
     C.write_results(args.out, "results", columns, rows, meta, started)

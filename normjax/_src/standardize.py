@@ -184,18 +184,23 @@ def _select(mask, values):
     return values if mask is None else jnp.where(mask, values, jnp.zeros((), values.dtype))
 
 
+def _centered(x, shift, offset):
+    return x - shift if offset is None else (x - shift) - offset
+
+
 def _deviation(x, shift, offset, mask=None):
     """``x - mean`` as ``(x - shift) - offset``; 0 where masked out: what the statistics see."""
-    return _select(mask, (x - shift) - offset)
+    return _select(mask, _centered(x, shift, offset))
 
 
 def _output_deviation(x, shift, offset, mask=None):
     """``x - mean`` for the output: also masked-out positions, as in Flax, unless they hold NaN or inf (then 0)."""
-    return _select(None if mask is None else mask | jnp.isfinite(x), (x - shift) - offset)
+    return _select(None if mask is None else mask | jnp.isfinite(x), _centered(x, shift, offset))
 
 
 def standardized_output(x, shift, offset, inv_std, gamma=None, beta=None, mask=None):
-    """The one definition of a norm's output: ``((x - shift) - offset) * inv_std * gamma + beta``.
+    """The one definition of a norm's output: ``((x - shift) - offset) * inv_std * gamma + beta`` (``offset`` None:
+    ``(x - shift) * ...``).
 
     Masked-out positions are standardized like the others (with the valid elements' statistics, as Flax does),
     except that a non-finite one outputs ``beta``: padding may hold anything without reaching any result or
@@ -219,8 +224,12 @@ def _forward(spec: _Spec, x, scale, bias, mask, epsilon, renorm):
     feature = functools.partial(as_feature, ndim=x.ndim, feature_axes=spec.feature_axes)
     r, d = _renorm_factors(spec, x.ndim, moments, epsilon, renorm)
     gamma, beta = _affine(None if scale is None else feature(scale), None if bias is None else feature(bias), r, d)
-    y = standardized_output(xf, own.shift, own.offset, inv_std, gamma, beta, mask)
-    return y.astype(spec.out_dtype), moments.mean, moments.var, moments.count, (xf, own, inv_std, gamma, r, d)
+    # The mean as the float sum hi + lo of this device's shift and offset (Fast2Sum): the output subtracts hi, as
+    # Flax's does, and the derivative corrects by lo, so its components along the reduced axes still cancel.
+    hi = own.shift + own.offset
+    lo = (own.shift - hi) + own.offset
+    y = standardized_output(xf, hi, None, inv_std, gamma, beta, mask)
+    return y.astype(spec.out_dtype), moments.mean, moments.var, moments.count, (xf, hi, lo, inv_std, gamma, r, d)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -232,19 +241,18 @@ def _standardize(spec: _Spec, x, scale, bias, mask, epsilon, renorm):
 def _standardize_jvp(spec: _Spec, primals, tangents):
     x, scale, bias, mask, epsilon, renorm = primals
     dx, dscale, dbias, _, depsilon, _ = tangents
-    y, mean, var, count, (xf, own, inv_std, gamma, r, d) = _forward(spec, *primals)
+    y, mean, var, count, (xf, hi, lo, inv_std, gamma, r, d) = _forward(spec, *primals)
     layout = _layout(spec, xf)
     ndim = x.ndim
     n = jnp.maximum(count, 1)
     dxf = dx.astype(xf.dtype)
     m = () if mask is None else (mask,)
-    stats = (xf, own.shift, own.offset)
     if spec.centered:
-        sums = (
-            layout.total(lambda dx, m=None: _select(m, dx), (dxf, *m)),
-            layout.total(lambda dx, x, k, o, m=None: _deviation(x, k, o, m) * dx, (dxf, *stats, *m)),
-        )
-        dx_sum, projection = psum(sums, spec.axis_name, spec.axis_index_groups)
+        dx_sum = layout.total(lambda dx, m=None: _select(m, dx), (dxf, *m))
+        projection = layout.total(lambda dx, x, k, m=None: _deviation(x, k, None, m) * dx, (dxf, xf, hi, *m))
+        # sum(m (x - mean) dx) with x - mean = (x - hi) - lo (this device's hi and lo): the correction makes the
+        # backward's factor (x - hi) - lo, whose sum over the reduced axes is zero to rounding of the data's spread.
+        dx_sum, projection = psum((dx_sum, projection - lo * dx_sum), spec.axis_name, spec.axis_index_groups)
         dmean = dx_sum / n
     else:
         projection = psum(
@@ -275,13 +283,13 @@ def _standardize_jvp(spec: _Spec, primals, tangents):
         ]
     if dgamma is None:
         terms.append(
-            (lambda x, k, o, ds, g, m=None: _output_deviation(x, k, o, m) * (ds * g), (*stats, dinv_std, g, *m))
+            (lambda x, k, ds, g, m=None: _output_deviation(x, k, None, m) * (ds * g), (xf, hi, dinv_std, g, *m))
         )
     else:
         terms.append(
             (
-                lambda x, k, o, ds, g, s, dg, m=None: _output_deviation(x, k, o, m) * (ds * g + s * dg),
-                (*stats, dinv_std, g, inv_std, dgamma, *m),
+                lambda x, k, ds, g, s, dg, m=None: _output_deviation(x, k, None, m) * (ds * g + s * dg),
+                (xf, hi, dinv_std, g, inv_std, dgamma, *m),
             )
         )
     if dbeta is not None:
