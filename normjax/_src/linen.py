@@ -38,7 +38,7 @@ class BatchNorm(nn.Module):
     that of ``|x|``.
 
     ``use_fast_variance`` and ``force_float32_reductions`` are accepted for compatibility and have no effect:
-    statistics are always computed in float32 or wider with the stable two-pass variance (Flax's
+    statistics are always computed in float32 or wider with the stable (shifted, no-cancellation) variance (Flax's
     ``use_fast_variance=False`` variant).
 
     Attributes:
@@ -150,11 +150,11 @@ class LayerNorm(nn.Module):
         \mu, \sigma^2 \text{ over } \texttt{reduction\_axes} \text{ of each example}
 
     with ``scale`` and ``bias`` of the shape of ``x`` along ``feature_axes``. Statistics are computed in
-    float32 or wider with the stable two-pass variance; during ``init`` they are not synchronized over
+    float32 or wider with the stable (shifted, no-cancellation) variance; during ``init`` they are not synchronized over
     ``axis_name``.
 
     ``use_fast_variance`` and ``force_float32_reductions`` are accepted for compatibility and have no effect:
-    statistics are always computed in float32 or wider with the stable two-pass variance (Flax's
+    statistics are always computed in float32 or wider with the stable (shifted, no-cancellation) variance (Flax's
     ``use_fast_variance=False`` variant).
 
     Attributes:
@@ -230,7 +230,7 @@ class RMSNorm(nn.Module):
     During ``init`` the statistics are not synchronized over ``axis_name``.
 
     ``use_fast_variance`` and ``force_float32_reductions`` are accepted for compatibility and have no effect:
-    statistics are always computed in float32 or wider with the stable two-pass variance (Flax's
+    statistics are always computed in float32 or wider with the stable (shifted, no-cancellation) variance (Flax's
     ``use_fast_variance=False`` variant).
 
     Attributes:
@@ -299,7 +299,7 @@ class GroupNorm(nn.Module):
     ``group_size=1`` is InstanceNorm. During ``init`` the statistics are not synchronized over ``axis_name``.
 
     ``use_fast_variance`` and ``force_float32_reductions`` are accepted for compatibility and have no effect:
-    statistics are always computed in float32 or wider with the stable two-pass variance (Flax's
+    statistics are always computed in float32 or wider with the stable (shifted, no-cancellation) variance (Flax's
     ``use_fast_variance=False`` variant).
 
     Attributes:
@@ -377,7 +377,7 @@ class InstanceNorm(nn.Module):
     statistics are not synchronized over ``axis_name``.
 
     ``use_fast_variance`` and ``force_float32_reductions`` are accepted for compatibility and have no effect:
-    statistics are always computed in float32 or wider with the stable two-pass variance (Flax's
+    statistics are always computed in float32 or wider with the stable (shifted, no-cancellation) variance (Flax's
     ``use_fast_variance=False`` variant).
 
     Attributes:

@@ -65,7 +65,7 @@ class BatchNorm(nnx.Module):
     imaginary part with a FutureWarning) and the variance is that of ``|x|``.
 
     ``use_fast_variance`` is accepted for compatibility and has no effect: statistics are always computed in
-    float32 or wider with the stable two-pass variance.
+    float32 or wider with the stable (shifted, no-cancellation) variance.
 
     Args:
       num_features: the number of features (the size of ``axis``).
@@ -228,8 +228,8 @@ class LayerNorm(nnx.Module):
         y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\,\gamma + \beta, \qquad
         \mu, \sigma^2 \text{ over } \texttt{reduction\_axes} \text{ of each example}
 
-    Statistics are computed in float32 or wider with the stable two-pass variance; ``use_fast_variance`` is
-    accepted for compatibility and has no effect.
+    Statistics are computed in float32 or wider with the stable (shifted, no-cancellation) variance, which reads
+    the input once like Flax's fast variance; ``use_fast_variance`` is accepted for compatibility and has no effect.
 
     Args:
       num_features: the number of features (``scale`` and ``bias`` have shape ``(num_features,)``).

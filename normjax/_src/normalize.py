@@ -68,4 +68,4 @@ def normalize(
     inv_std = jax.lax.rsqrt(jnp.asarray(var, jnp.finfo(compute_dtype).dtype) + epsilon)
     gamma = None if scale is None else as_feature(scale, ndim, feature_axes)
     beta = None if bias is None else as_feature(bias, ndim, feature_axes)
-    return standardized_output(x.astype(compute_dtype), mean, None, inv_std, gamma, beta).astype(out_dtype)
+    return standardized_output(x.astype(compute_dtype), mean, inv_std, gamma, beta).astype(out_dtype)

@@ -18,9 +18,10 @@ where :math:`\overline{\,\cdot\,}` is the (masked, cross-device) mean over the r
 mask. Reverse mode is JAX's transpose of this linear map, the textbook backward
 :math:`\bar x = s\,(g' - \overline{m g'} - \hat x\,\overline{m \hat x g'})` with :math:`g' = \gamma \bar y`: two
 reductions and one elementwise pass. Written as a JVP the rule also serves ``jax.jvp``, ``jacfwd``, higher
-orders, ``vmap`` and collectives. :math:`x - \mu` is always formed as ``(x - shift) - offset``, both parts
-exact to rounding of the data's spread, so the backward's components along the reduced axes cancel to that
-rounding even at a large mean (where ``x - fl(mu)`` would leave a residual of ``n * eps * |mu|``).
+orders, ``vmap`` and collectives. The mean is the exact float sum ``hi + lo`` of this device's shift and offset:
+the output subtracts ``hi``, and the rule sums ``(x - hi) - lo``, so the backward's components along the reduced
+axes cancel to rounding of the data's spread even at a large mean (``x - hi`` alone would leave a residual of
+``n * lo``, up to ``n * eps * |mu| / 2``).
 
 Masked-out elements never enter arithmetic whose result is kept: they are selected away (never multiplied by
 zero), their :math:`\hat x` is 0, so their output is :math:`\beta`, and no derivative reads them.
@@ -184,30 +185,25 @@ def _select(mask, values):
     return values if mask is None else jnp.where(mask, values, jnp.zeros((), values.dtype))
 
 
-def _centered(x, shift, offset):
-    return x - shift if offset is None else (x - shift) - offset
+def _deviation(x, mean, mask=None):
+    """``x - mean``; 0 where masked out: what the statistics see."""
+    return _select(mask, x - mean)
 
 
-def _deviation(x, shift, offset, mask=None):
-    """``x - mean`` as ``(x - shift) - offset``; 0 where masked out: what the statistics see."""
-    return _select(mask, _centered(x, shift, offset))
-
-
-def _output_deviation(x, shift, offset, mask=None):
+def _output_deviation(x, mean, mask=None):
     """``x - mean`` for the output: also masked-out positions, as in Flax, unless they hold NaN or inf (then 0)."""
-    return _select(None if mask is None else mask | jnp.isfinite(x), _centered(x, shift, offset))
+    return _select(None if mask is None else mask | jnp.isfinite(x), x - mean)
 
 
-def standardized_output(x, shift, offset, inv_std, gamma=None, beta=None, mask=None):
-    """The one definition of a norm's output: ``((x - shift) - offset) * inv_std * gamma + beta`` (``offset`` None:
-    ``(x - shift) * ...``).
+def standardized_output(x, mean, inv_std, gamma=None, beta=None, mask=None):
+    """The one definition of a norm's output: ``(x - mean) * inv_std * gamma + beta``.
 
     Masked-out positions are standardized like the others (with the valid elements' statistics, as Flax does),
     except that a non-finite one outputs ``beta``: padding may hold anything without reaching any result or
     derivative.
     """
     multiplier = inv_std if gamma is None else inv_std * gamma
-    y = _output_deviation(x, shift, offset, mask) * multiplier
+    y = _output_deviation(x, mean, mask) * multiplier
     return y if beta is None else y + beta
 
 
@@ -228,7 +224,7 @@ def _forward(spec: _Spec, x, scale, bias, mask, epsilon, renorm):
     # Flax's does, and the derivative corrects by lo, so its components along the reduced axes still cancel.
     hi = own.shift + own.offset
     lo = (own.shift - hi) + own.offset
-    y = standardized_output(xf, hi, None, inv_std, gamma, beta, mask)
+    y = standardized_output(xf, hi, inv_std, gamma, beta, mask)
     return y.astype(spec.out_dtype), moments.mean, moments.var, moments.count, (xf, hi, lo, inv_std, gamma, r, d)
 
 
@@ -249,7 +245,7 @@ def _standardize_jvp(spec: _Spec, primals, tangents):
     m = () if mask is None else (mask,)
     if spec.centered:
         dx_sum = layout.total(lambda dx, m=None: _select(m, dx), (dxf, *m))
-        projection = layout.total(lambda dx, x, k, m=None: _deviation(x, k, None, m) * dx, (dxf, xf, hi, *m))
+        projection = layout.total(lambda dx, x, k, m=None: _deviation(x, k, m) * dx, (dxf, xf, hi, *m))
         # sum(m (x - mean) dx) with x - mean = (x - hi) - lo (this device's hi and lo): the correction makes the
         # backward's factor (x - hi) - lo, whose sum over the reduced axes is zero to rounding of the data's spread.
         dx_sum, projection = psum((dx_sum, projection - lo * dx_sum), spec.axis_name, spec.axis_index_groups)
@@ -282,13 +278,11 @@ def _standardize_jvp(spec: _Spec, primals, tangents):
             )
         ]
     if dgamma is None:
-        terms.append(
-            (lambda x, k, ds, g, m=None: _output_deviation(x, k, None, m) * (ds * g), (xf, hi, dinv_std, g, *m))
-        )
+        terms.append((lambda x, k, ds, g, m=None: _output_deviation(x, k, m) * (ds * g), (xf, hi, dinv_std, g, *m)))
     else:
         terms.append(
             (
-                lambda x, k, ds, g, s, dg, m=None: _output_deviation(x, k, None, m) * (ds * g + s * dg),
+                lambda x, k, ds, g, s, dg, m=None: _output_deviation(x, k, m) * (ds * g + s * dg),
                 (xf, hi, dinv_std, g, inv_std, dgamma, *m),
             )
         )
