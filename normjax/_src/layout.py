@@ -81,13 +81,22 @@ class XlaCpu(Generic):
 
     def combine(self, terms) -> jax.Array:
         pattern = tuple(1 if a in self.reduction_axes else n for a, n in enumerate(self.shape))
-        result = []
+        result, plain_taken = [], False
         for fn, operands in terms:
-            if jnp.broadcast_shapes(*(jnp.shape(a) for a in operands)) != self.shape:
+            small = [jnp.shape(a) for a in operands if jnp.shape(a) != self.shape]
+            outer_product = bool(small) and jnp.broadcast_shapes(*small) == self.shape
+            full = len(small) < len(operands)
+            if not full and not outer_product:  # small: broadcast where it is added
                 result.append(fn(*(self._small(a) for a in operands)))
-                continue
-            view, _, _ = _viewer(self.shape, pattern, next(self._tags), self.vary)
-            result.append(jnp.reshape(fn(*(view(a) for a in operands)), self.shape))
+            elif full and not outer_product and not plain_taken:
+                # One full-size term (BatchNorm's dx * s * gamma) stays plain: the elementwise pass that adds the
+                # terms is its fusion. A per-row by per-feature product (LayerNorm's s * gamma) never does: in the
+                # plain shape XLA:CPU writes the full-size outer product out before the fusion reads it.
+                plain_taken = True
+                result.append(fn(*(self._small(a) for a in operands)))
+            else:
+                view, _, _ = _viewer(self.shape, pattern, next(self._tags), self.vary)
+                result.append(jnp.reshape(fn(*(view(a) for a in operands)), self.shape))
         return sum(result)
 
 

@@ -268,24 +268,39 @@ def _standardize_jvp(spec: _Spec, primals, tangents):
         dgamma, dbeta = dgamma * r, dgamma * d if dbeta is None else dbeta + dgamma * d
     g = jnp.ones((), xf.dtype) if gamma is None else gamma
     # dy = (dx - dmean) s γ + (x - mean) (ds γ + s dγ) + dβ; the full-size terms are built by the layout.
-    if mask is None:
-        terms = [(lambda dx, dm, s, g: (dx - dm) * s * g, (dxf, dmean, inv_std, g))]
-    else:  # constant (beta) where a masked-out position is not finite
-        terms = [
-            (
-                lambda dx, dm, s, g, x, m: _select(m | jnp.isfinite(x), dx - dm) * s * g,
-                (dxf, dmean, inv_std, g, xf, mask),
-            )
-        ]
-    if dgamma is None:
-        terms.append((lambda x, k, ds, g, m=None: _output_deviation(x, k, m) * (ds * g), (xf, hi, dinv_std, g, *m)))
+    per_statistic, per_feature = (dmean, inv_std, dinv_std), (g, dgamma, dbeta)
+    small = jnp.broadcast_shapes(*(jnp.shape(a) for a in per_statistic + per_feature if a is not None)) != x.shape
+    if small:
+        # BatchNorm, InstanceNorm, GroupNorm: every coefficient folds into a small array first, so each full-size
+        # array meets one coefficient and the transposed (backward) rule reduces full-size arrays only twice:
+        # sum(g) and sum(g * (x - mean)).
+        gain = inv_std * g
+        slope = dinv_std * g if dgamma is None else dinv_std * g + inv_std * dgamma
+        shift = -dmean * gain
+        if mask is None:
+            terms = [(lambda dx, a: dx * a, (dxf, gain)), (lambda c: c, (shift,))]
+        else:  # constant (beta) where a masked-out position is not finite
+            terms = [(lambda dx, a, c, x, m: _select(m | jnp.isfinite(x), dx * a + c), (dxf, gain, shift, xf, mask))]
+        terms.append((lambda x, k, a, m=None: _output_deviation(x, k, m) * a, (xf, hi, slope, *m)))
     else:
-        terms.append(
-            (
-                lambda x, k, ds, g, s, dg, m=None: _output_deviation(x, k, m) * (ds * g + s * dg),
-                (xf, hi, dinv_std, g, inv_std, dgamma, *m),
+        # LayerNorm, RMSNorm: per-row statistics times per-feature parameters span x; no coefficient is small.
+        if mask is None:
+            terms = [
+                (lambda dx, s, g: dx * s * g, (dxf, inv_std, g)),
+                (lambda dm, s, g: -(dm * s) * g, (dmean, inv_std, g)),
+            ]
+        else:  # constant (beta) where a masked-out position is not finite
+            terms = [
+                (
+                    lambda dx, dm, s, g, x, m: _select(m | jnp.isfinite(x), dx - dm) * s * g,
+                    (dxf, dmean, inv_std, g, xf, mask),
+                )
+            ]
+        terms.append((lambda x, k, ds, g, m=None: _output_deviation(x, k, m) * ds * g, (xf, hi, dinv_std, g, *m)))
+        if dgamma is not None:
+            terms.append(
+                (lambda x, k, s, dg, m=None: _output_deviation(x, k, m) * s * dg, (xf, hi, inv_std, dgamma, *m))
             )
-        )
     if dbeta is not None:
         terms.append((lambda db: db, (dbeta,)))
     dy = layout.combine(terms)
