@@ -236,3 +236,17 @@ def test_orbax_round_trip_is_exact(tmp_path):
     assert_bit_exact(state, STATE)
     assert_bit_exact(nj.BatchNormState(**restored["batch_stats"]), STATE)
     np.testing.assert_array_equal(bits(restored["params"]["scale"]), bits(variables["params"]["scale"]))
+
+
+@pytest.mark.parametrize("magnitude", [1e20, 1e30])
+def test_a_variance_that_overflows_gives_nan_outputs_not_zeros(magnitude):
+    # The squared deviations overflow float32: the output must not silently become 0 (it is NaN, and the running
+    # state is kept as for any non-finite batch).
+    x = jnp.asarray([[1.0], [-1.0], [3.0]], jnp.float32) * magnitude
+    state = nj.init_batch_norm_state(1)
+    y, new_state = nj.batch_norm(x, state, training=True)
+    assert np.all(np.isnan(y))
+    np.testing.assert_array_equal(new_state.mean, state.mean)
+    np.testing.assert_array_equal(new_state.var, state.var)
+    assert np.all(np.isnan(nj.layer_norm(x.T)))
+    assert np.all(np.isnan(nj.rms_norm(x.T)))
