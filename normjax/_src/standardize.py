@@ -216,9 +216,12 @@ def _forward(spec: _Spec, x, scale, bias, mask, epsilon, renorm):
     )
     own, common = merge_across_devices(local, spec.axis_name, spec.axis_index_groups, centered=spec.centered)
     moments = common.moments()
-    # A variance that overflowed (finite inputs around 1e20 and beyond in float32) would make every output 0:
-    # the output is NaN there instead, so the loss shows it.
-    inv_std = jnp.where(jnp.isfinite(moments.var), jax.lax.rsqrt(moments.var + epsilon), jnp.nan)
+    inv_std = jax.lax.rsqrt(moments.var + epsilon)
+    if spec.centered:
+        # A variance that overflowed (finite inputs around 1e20 and beyond in float32) would make every output 0:
+        # rsqrt is 0 only there, and 0 / 0 is NaN, so the output is NaN there instead and the loss shows it. Not
+        # for RMSNorm: any extra operation splits its forward, one kernel on XLA's GPU compiler, in three.
+        inv_std = inv_std + 0.0 / inv_std
     feature = functools.partial(as_feature, ndim=x.ndim, feature_axes=spec.feature_axes)
     r, d = _renorm_factors(spec, x.ndim, moments, epsilon, renorm)
     gamma, beta = _affine(None if scale is None else feature(scale), None if bias is None else feature(bias), r, d)
