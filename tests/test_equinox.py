@@ -388,12 +388,6 @@ def test_equinox_707_double_vmap():
         np.testing.assert_allclose(states.get(bn.state_index).mean[sample], _ema(0.0, mean), **F32)
 
 
-@pytest.mark.xfail(
-    reason="regression of the shifted-sum core, not yet fixed: when linearized inside lax.scan, JAX traces the "
-    "custom_jvp rule's collective (the all-gather of the statistics) outside vmap's axis environment "
-    "('unbound axis name: batch', jax 0.10.2)",
-    strict=True,
-)
 def test_equinox_237_scan_inside_vmap_under_filter_grad():
     """equinox#237: BatchNorm in a lax.scan (lax.map) inside vmap(axis_name) under filter_grad failed on the
     second call (an old stateful API, fixed upstream by eqx.nn.State). normjax's threads its state through

@@ -15,8 +15,9 @@ instead of the :math:`\varepsilon\,\mu^2/\sigma^2` of :math:`E[x^2] - E[x]^2`. K
 from :math:`k` also keeps the standardized values :math:`(x_i - k) - \delta` exact to rounding of their own size,
 so their sum, which the derivative relies on, cancels (see :mod:`normjax._src.standardize`).
 
-Across devices each one's statistics are merged exactly, with Chan's pairwise formula, from one collective
-(an all-gather of ``4 F`` numbers per device): counts weight the means, so uneven per-device counts, masks and
+Across devices each one's statistics are merged exactly, with Chan's pairwise formula: from one collective
+under ``shard_map`` (an all-gather of ``4 F`` numbers per device), from two ``psum`` rounds under ``pmap`` and
+``vmap``. Counts weight the means, so uneven per-device counts, masks and
 devices with nothing valid are exact.
 """
 
@@ -175,25 +176,49 @@ def _names(axis_name) -> tuple:
     return tuple(axis_name) if isinstance(axis_name, tuple | list) else (axis_name,)
 
 
-def _gather(a: jax.Array, axis_name, axis_index_groups) -> jax.Array:
-    """``all_gather`` of ``a`` over every name of ``axis_name``, devices along one leading axis.
+def on_device_axes(axis_name, like: jax.Array) -> bool:
+    """Whether every name of ``axis_name`` is a ``shard_map`` device axis (``like``'s type varies over it)."""
+    return all(name in jax.typeof(like).mat.varying for name in _names(axis_name))
 
-    Device-invariant under ``shard_map`` (where types track it), so merged statistics can leave a ``shard_map``
-    replicated. Several names are gathered one after the other: one ``all_gather`` over names bound by
-    different transformations (``pmap`` of ``vmap``) is refused by JAX.
-    """
+
+def _gather(a: jax.Array, axis_name, axis_index_groups) -> jax.Array:
+    """``all_gather`` of ``a`` over every name of ``axis_name`` (device axes of ``shard_map``), devices along one
+    leading axis, device-invariant so merged statistics can leave the ``shard_map`` replicated. Several names are
+    gathered one after the other."""
     names = _names(axis_name)
     for name in reversed(names):
-        to = "invarying" if name in jax.typeof(a).mat.varying else "varying"
         groups = axis_index_groups if len(names) == 1 else None
-        a = jax.lax.all_gather(a, name, axis_index_groups=groups, to=to)
+        a = jax.lax.all_gather(a, name, axis_index_groups=groups, to="invarying")
     return jnp.reshape(a, (-1,) + a.shape[len(names) :])
+
+
+def _merge_with_psums(local: ShiftedMoments, axis_name, axis_index_groups) -> tuple[ShiftedMoments, ShiftedMoments]:
+    """The merge of :func:`merge_across_devices` from two ``psum`` rounds, for ``vmap`` and ``pmap`` axes.
+
+    Round one agrees on a reference, the count-weighted mean of the devices' shifts, and the count; round two
+    sums the statistics about it, ``n_j d_j`` and ``M2_j + n_j d_j^2`` with ``d_j = (k_j - r) + offset_j``, so
+    nothing large is squared. Why not the all-gather: JAX (0.10.2) traces a ``custom_jvp`` rule again, without
+    vmap's named axes, when the rule is linearized inside ``lax.scan``; ``all_gather`` (and ``axis_size``) fail
+    there, ``psum`` of data does not.
+    """
+    small_shape = local.m2.shape
+    count = jnp.broadcast_to(local.count, small_shape).astype(local.m2.dtype)
+    # Count-weighted: a device without valid elements (shift 0 by convention) must not pull the reference away.
+    weighted, total = psum((count * local.shift, count), axis_name, axis_index_groups)
+    reference = weighted / jnp.maximum(total, 1)
+    delta = (local.shift - reference) + local.offset
+    sums, squares = psum((count * delta, local.m2 + count * abs_square(delta)), axis_name, axis_index_groups)
+    offset = sums / jnp.maximum(total, 1)
+    m2 = jnp.maximum(squares - total * abs_square(offset), 0)
+    common = ShiftedMoments(total, reference, offset, m2)
+    own = common._replace(shift=local.shift, offset=(reference - local.shift) + offset)
+    return own, common
 
 
 def merge_across_devices(
     local: ShiftedMoments, axis_name, axis_index_groups, *, centered: bool = True
 ) -> tuple[ShiftedMoments, ShiftedMoments]:
-    r"""The statistics of every device's valid elements together, from one collective round.
+    r"""The statistics of every device's valid elements together: one all-gather on ``shard_map`` device axes.
 
     Each device gathers every device's ``(count, shift, offset, m2)`` and merges them with Chan's formula about
     a common reference, device 0's shift :math:`k_0`:
@@ -216,6 +241,8 @@ def merge_across_devices(
         count, m2 = psum((local.count, local.m2), axis_name, axis_index_groups)
         merged = local._replace(count=count, m2=m2)
         return merged, merged
+    if not on_device_axes(axis_name, local.shift):
+        return _merge_with_psums(local, axis_name, axis_index_groups)
     stacked = jnp.stack([without_unit_axes(jnp.broadcast_to(a, small_shape)).astype(dtype) for a in local])
     with _grouped_collectives_explained(axis_name, axis_index_groups):
         gathered = _gather(stacked, axis_name, axis_index_groups)
@@ -263,7 +290,8 @@ def moments(
 
     With ``axis_name`` the statistics are those of the concatenation of every device's valid elements, exact
     for uneven per-device counts (a device with no valid element contributes nothing), merged with Chan's formula
-    from one all-gather of ``4 * F`` numbers per device for ``F`` statistics (a ``psum`` of ``2 * F`` when
+    from one all-gather of ``4 * F`` numbers per device for ``F`` statistics under ``shard_map`` (two ``psum``
+    rounds of ``2 * F`` numbers under ``pmap`` and ``vmap``; a ``psum`` of ``2 * F`` when
     ``centered=False``). See the synchronization guide (``docs/guides/sync.md``).
 
     Args:

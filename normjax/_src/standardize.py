@@ -1,7 +1,7 @@
 r"""The core every norm, mode and layer goes through: statistics, standardization and affine, with their derivative.
 
 :func:`standardize` computes the moments of ``x`` over the reduction axes (:mod:`normjax._src.moments`: one
-pass about a shift that lies among the data, merged exactly across devices in one collective) and
+pass about a shift that lies among the data, merged exactly across devices, in one collective under ``shard_map``) and
 
 .. math::
 
@@ -40,7 +40,14 @@ import jax.numpy as jnp
 
 from normjax._src import axes as axes_lib
 from normjax._src import layout as layout_lib
-from normjax._src.moments import Moments, merge_across_devices, psum, shifted_moments, without_unit_axes
+from normjax._src.moments import (
+    Moments,
+    merge_across_devices,
+    on_device_axes,
+    psum,
+    shifted_moments,
+    without_unit_axes,
+)
 
 
 class Renorm(NamedTuple):
@@ -115,7 +122,9 @@ def standardize(
     operands = (x, scale, bias, mask, epsilon, renorm)
     if jnp.iscomplexobj(x) or any(p is not None and jnp.iscomplexobj(p) for p in (scale, bias)):
         y, mean, var, count = _forward(spec, *operands)[:4]  # not holomorphic: JAX differentiates the forward
-    elif _explicitly_sharded(x):
+    elif _explicitly_sharded(x) or (names is not None and not on_device_axes(names, x)):
+        # Under vmap or pmap axes, no platform_dependent: its branches lose vmap's named axes when JAX traces
+        # the rule again inside lax.scan (see moments._merge_with_psums).
         y, mean, var, count = _standardize(spec, *operands)
     else:
         y, mean, var, count = jax.lax.platform_dependent(
