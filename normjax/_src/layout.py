@@ -16,9 +16,11 @@ deviceless compiles, ``benchmarks/accelerators.py``).
 lowered, so a program compiled for a GPU never contains it). Measured with ``benchmarks/run.py``: XLA:CPU runs
 reductions as library fusions that absorb an elementwise producer only when they are its sole consumer, and its
 common-subexpression pass merges identical broadcasts; so an ``x - shift`` shared by two reductions, or a tangent
-term shared by the backward's reductions, is written out as a full-size temporary and read back. Here each
-reduction and each term is built on a private reshaped view (:func:`_viewer`), so none is shared and no
-temporary is written.
+term shared by the backward's reductions, is written out as a full-size temporary and read back. Here every
+reduction and full-size term but one is built on a private reshaped view (:func:`_viewer`), so none is shared
+and no temporary is written. One reduction and one term stay in the plain shape: two sibling reductions of one
+input on distinct views crash XLA:CPU's runtime (jax 0.10.2), and the term that stays plain is the fusion that
+adds the others.
 """
 
 from __future__ import annotations
