@@ -1,9 +1,9 @@
 """normjax: every normalization for JAX, from one stable, synchronized, axis-parametrized core."""
 
 from normjax._src.batch_norm import batch_norm
+from normjax._src.example_norms import group_norm, instance_norm, layer_norm, rms_norm
 from normjax._src.moments import Moments, moments
 from normjax._src.normalize import normalize
-from normjax._src.siblings import group_norm, instance_norm, layer_norm, rms_norm
 from normjax._src.state import BatchNormState, init_batch_norm_state
 from normjax._src.utils.fold import fold_batch_norm, fold_batch_norm_variables
 from normjax._src.utils.freeze import freeze_batch_norm, freeze_batch_norm_nnx, stop_gradient_where

@@ -316,7 +316,7 @@ def test_jit_and_grad_through_a_model():
 
 def test_integer_inputs_are_promoted_as_in_flax():
     x = jnp.arange(24).reshape(4, 6)
-    # Every layer widens its input through the same layers_common.widen; two layers cover it.
+    # Every layer widens its input through the same flax_conventions.widen; two layers cover it.
     for name, config in [("BatchNorm", dict(use_running_average=False)), ("LayerNorm", {})]:
         flax_layer, nj_layer = getattr(nn, name)(use_fast_variance=False, **config), getattr(njn, name)(**config)
         variables = flax_layer.init(KEY, x)

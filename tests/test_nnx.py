@@ -21,7 +21,7 @@ from flax.nnx.nn import dtypes
 
 from normjax import linen as njn
 from normjax import nnx as njx
-from normjax._src.layers_common import promote_exactly
+from normjax._src.flax_conventions import promote_exactly
 
 DTYPES = [  # (input dtype, param_dtype, layer dtype)
     (jnp.float32, jnp.float32, None),
@@ -32,7 +32,7 @@ DTYPES = [  # (input dtype, param_dtype, layer dtype)
 
 def _grid(options):
     """Every dtype configuration unmasked; a mask (NaN where masked) with float32 for the first option (masks
-    across all axes options are covered by test_linen: both front ends share layers_common)."""
+    across all axes options are covered by test_linen: both front ends share flax_conventions)."""
     return [(*d, o, False) for d in DTYPES for o in options] + [(*DTYPES[0], options[0], True)]
 
 

@@ -25,7 +25,7 @@ except ImportError as error:  # an optional dependency: `import normjax` alone n
     ) from error
 
 from normjax._src.batch_norm import batch_norm
-from normjax._src.siblings import group_norm, instance_norm, layer_norm, rms_norm
+from normjax._src.example_norms import group_norm, instance_norm, layer_norm, rms_norm
 from normjax._src.state import BatchNormState, init_batch_norm_state
 
 AxisName = Hashable | Sequence[Hashable]

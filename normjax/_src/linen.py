@@ -2,7 +2,7 @@
 
 Each layer creates exactly the variables Flax's layer of the same name creates (``params/{scale,bias}``,
 ``batch_stats/{mean,var}``, same shapes and dtypes), so checkpoints move both ways, and hands the arrays to
-:mod:`normjax._src.layers_common`, which calls the functional core. There is no arithmetic here.
+:mod:`normjax._src.flax_conventions`, which calls the functional core. There is no arithmetic here.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax.typing import Axes, Dtype, Initializer
 from jax.nn import initializers
 
-from normjax._src import layers_common as common
+from normjax._src import flax_conventions as common
 
 
 class BatchNorm(nn.Module):

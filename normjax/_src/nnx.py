@@ -2,9 +2,9 @@
 
 Each layer has the constructor of Flax's layer of the same name (same arguments, order and defaults, the same
 ``rngs`` draws) and the same ``nnx.Param`` / ``nnx.BatchStat`` attributes, so ``nnx.state`` trees and
-checkpoints move both ways. Calls go through :mod:`normjax._src.layers_common`, the translation linen uses
+checkpoints move both ways. Calls go through :mod:`normjax._src.flax_conventions`, the translation linen uses
 too; there is no arithmetic here. The one deliberate difference from Flax nnx is the default ``promote_dtype``
-(:func:`normjax._src.layers_common.promote_exactly`): it never rounds the input to a narrower ``dtype`` before
+(:func:`normjax._src.flax_conventions.promote_exactly`): it never rounds the input to a narrower ``dtype`` before
 the statistics, so an nnx layer and its linen twin give the same bits.
 """
 
@@ -22,7 +22,7 @@ from flax.nnx.nn import initializers
 from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
 
 from normjax._src import axes as axes_lib
-from normjax._src import layers_common as common
+from normjax._src import flax_conventions as common
 
 _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 # Flax's defaults, made once (a call in a signature default is evaluated once anyway).

@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from normjax._src import layers_common
+from normjax._src import flax_conventions
 from normjax._src.utils import _paths
 
 _BATCH_NORM = ("BatchNorm",)
@@ -75,7 +75,7 @@ def freeze_batch_norm(
         finally:
             object.__setattr__(module, "use_running_average", previous)
 
-    with nn.intercept_methods(use_running_average), layers_common.linen_freeze_active():
+    with nn.intercept_methods(use_running_average), flax_conventions.linen_freeze_active():
         yield
 
 

@@ -1,4 +1,4 @@
-"""LayerNorm, RMSNorm, GroupNorm and InstanceNorm: the same core with different axes."""
+"""LayerNorm, RMSNorm, GroupNorm and InstanceNorm: the norms whose statistics are per example."""
 
 from __future__ import annotations
 
