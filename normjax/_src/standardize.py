@@ -232,7 +232,13 @@ def _forward(spec: _Spec, x, scale, bias, mask, epsilon, renorm):
     xf = x.astype(axes_lib.stats_dtype(x.dtype))
     layout = _layout(spec, xf)
     local = shifted_moments(
-        xf, spec.reduction_axes, mask=mask, centered=spec.centered, total=layout.total, sample_from=x
+        xf,
+        spec.reduction_axes,
+        mask=mask,
+        centered=spec.centered,
+        total=layout.total,
+        sample_from=x,
+        about_zero_first=layout.about_zero_first,
     )
     own, common = merge_across_devices(local, spec.axis_name, spec.axis_index_groups, centered=spec.centered)
     moments = common.moments()
