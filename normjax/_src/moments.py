@@ -24,6 +24,7 @@ devices with nothing valid are exact.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import NamedTuple
 
 import jax
@@ -86,7 +87,7 @@ def _is_sharded(x: jax.Array, axes: tuple[int, ...]) -> bool:
 
 
 def sample_shift(x: jax.Array, axes: tuple[int, ...]) -> jax.Array | None:
-    """One element of ``x`` per statistic (the first along ``axes``), keepdims; None where it cannot be sliced.
+    """A value among ``x``'s per statistic (its first element along ``axes``), keepdims; None where it cannot be sliced.
 
     Its only job is to lie among the data, so the common offset cancels in ``x - shift``. Under explicit
     sharding a slice along a sharded axis is not expressible without a collective: the caller then shifts by a
@@ -97,7 +98,20 @@ def sample_shift(x: jax.Array, axes: tuple[int, ...]) -> jax.Array | None:
     if any(x.shape[a] == 0 for a in axes):  # nothing to cancel
         return jnp.zeros(tuple(1 if a in axes else n for a, n in enumerate(x.shape)), x.dtype)
     limits = tuple(1 if a in axes else n for a, n in enumerate(x.shape))
-    return jax.lax.stop_gradient(jax.lax.slice(x, (0,) * x.ndim, limits))
+    last_kept = max((a for a in range(x.ndim) if a not in axes), default=-1)
+    leading = tuple(a for a in axes if a < last_kept)
+    trailing = tuple(a for a in axes if a > last_kept)
+    contiguous = leading == tuple(range(leading[0], leading[-1] + 1)) if leading else False
+    if not (contiguous and trailing) or _is_sharded(x, tuple(range(x.ndim))):
+        return jax.lax.stop_gradient(jax.lax.slice(x, (0,) * x.ndim, limits))
+    # Reduced axes on both sides of a kept one (GroupNorm's channels within a group): a strided slice of x would
+    # make XLA's TPU compiler copy all of x into another layout. So the first element along the leading reduced
+    # axes, a contiguous block, is sliced from a view that keeps x's minor axis whole, then the block's first
+    # element along the trailing reduced axes.
+    first, last = leading[0], leading[-1] + 1
+    view = jnp.reshape(x, (math.prod(x.shape[:first]), math.prod(x.shape[first:last]), math.prod(x.shape[last:])))
+    block = jnp.reshape(view[:, :1, :], tuple(1 if a in leading else n for a, n in enumerate(x.shape)))
+    return jax.lax.stop_gradient(jax.lax.slice(block, (0,) * x.ndim, limits))
 
 
 def shifted_moments(
@@ -160,7 +174,7 @@ def shifted_moments(
     if not about_zero_first or mask is not None or jnp.iscomplexobj(x):
         return about(shift, *sums(shift))
     s1, s2 = sums(None)
-    unshifted = about(jnp.zeros(small, x.dtype), s1, s2)
+    unshifted = about(jnp.zeros_like(shift), s1, s2)
     # The relative rounding error of M2 from sums about zero is about eps * s2 / M2 = eps * (1 + mean^2 / var): at
     # most WELL_CONDITIONED * eps where this holds, against the shifted sums' 2 eps. Otherwise (a large mean, a
     # constant feature, a non-finite value) the sums are taken again about the sample.
