@@ -264,7 +264,9 @@ def test_under_vmap_and_sync():
 
 def test_bad_normalized_dtype_is_refused():
     x = _data((2, 4), jnp.float32)
-    with pytest.raises(TypeError, match="`normalized_dtype` must be a floating-point"):
+    with pytest.raises(TypeError, match="`normalized_dtype` must be a real floating-point dtype"):
         normjax.rms_norm(x, normalized_dtype=jnp.int8)
-    with pytest.raises(TypeError, match="`x` is complex"):
+    with pytest.raises(TypeError, match="`normalized_dtype` must be a complex dtype"):
         normjax.layer_norm(x.astype(jnp.complex64), normalized_dtype=jnp.float32)
+    with pytest.raises(TypeError, match="`normalized_dtype` must be a dtype"):
+        normjax.normalize(x, 0.0, 1.0, normalized_dtype="llama")

@@ -65,7 +65,7 @@ def normalize(
     axes_lib.check_moment_array(mean, "mean", x.shape)
     axes_lib.check_moment_array(var, "var", x.shape, real=True)
     axes_lib.check_float_dtype(dtype)
-    check_normalized_dtype(normalized_dtype)
+    check_normalized_dtype(normalized_dtype, x.dtype)
     # -- end of argument checks --
     out_dtype = axes_lib.output_dtype(x, dtype)
     axes_lib.check_real_output(out_dtype, mean=mean, scale=scale, bias=bias)  # argument check (axes.py)

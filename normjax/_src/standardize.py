@@ -107,7 +107,7 @@ def standardize(
     axes_lib.check_epsilon(epsilon, x.dtype)
     axes_lib.check_static_bool(centered, "centered")
     axes_lib.check_float_dtype(dtype)
-    check_normalized_dtype(normalized_dtype)
+    check_normalized_dtype(normalized_dtype, x.dtype)
     ndim = jnp.ndim(x)
     reduction_axes = axes_lib.canonicalize_axes(reduction_axes, ndim, "reduction_axes")
     feature_axes = axes_lib.canonicalize_axes(feature_axes, ndim, "feature_axes")
@@ -122,7 +122,6 @@ def standardize(
     axes_lib.check_real_output(out_dtype, scale=scale, bias=bias)
     if normalized_dtype is not None:
         normalized_dtype = jax.dtypes.canonicalize_dtype(normalized_dtype)
-        axes_lib.check_real_output(normalized_dtype, x=x)
     spec = _Spec(reduction_axes, feature_axes, bool(centered), names, groups, out_dtype, normalized_dtype, "generic")
     if mask is not None:
         mask = jnp.broadcast_to(mask, x.shape)
@@ -212,11 +211,24 @@ def _output_deviation(x, mean, mask=None):
     return _select(None if mask is None else mask | jnp.isfinite(x), x - mean)
 
 
-def check_normalized_dtype(normalized_dtype) -> None:
-    """Raises unless ``normalized_dtype`` is None or a floating-point (or complex) dtype."""
-    axes_lib.check_float_dtype(
-        normalized_dtype, "normalized_dtype", "the dtype the normalized values are rounded to before the affine"
+def check_normalized_dtype(normalized_dtype, x_dtype) -> None:
+    """Raises unless ``normalized_dtype`` is None or a float dtype (complex for a complex ``x``)."""
+    if normalized_dtype is None:
+        return
+    fix = (
+        "Pass the dtype to round the normalized values to before the affine, e.g. `normalized_dtype=x.dtype` "
+        "(HF Llama's order), or None to compute the affine in float32 and round once."
     )
+    try:
+        dtype = jnp.dtype(normalized_dtype)
+    except TypeError:
+        raise TypeError(f"`normalized_dtype` must be a dtype, got {normalized_dtype!r}. {fix}") from None
+    wanted = jnp.complexfloating if jnp.issubdtype(x_dtype, jnp.complexfloating) else jnp.floating
+    if not jnp.issubdtype(dtype, wanted):
+        kind = "complex" if wanted is jnp.complexfloating else "real floating-point"
+        raise TypeError(
+            f"`normalized_dtype` must be a {kind} dtype for an input of dtype {x_dtype}, got {dtype}. {fix}"
+        )
 
 
 def standardized_output(x, mean, inv_std, gamma=None, beta=None, mask=None, normalized_dtype=None):
