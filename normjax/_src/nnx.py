@@ -299,10 +299,10 @@ class LayerNorm(nnx.Module):
         axis_index_groups: Any = None,
         use_fast_variance: bool = True,
         promote_dtype: PromoteDtypeFn = common.promote_exactly,
-        normalized_dtype: Dtype | None = None,
         rngs: nnx.Rngs,
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
+        normalized_dtype: Dtype | None = None,
     ):
         common.check_num_features(num_features, "LayerNorm")
         self.scale = _param(use_scale, scale_init, num_features, param_dtype, rngs, scale_metadata)
@@ -398,9 +398,9 @@ class RMSNorm(nnx.Module):
         axis_index_groups: Any = None,
         use_fast_variance: bool = True,
         promote_dtype: PromoteDtypeFn = common.promote_exactly,
-        normalized_dtype: Dtype | None = None,
         rngs: nnx.Rngs,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
+        normalized_dtype: Dtype | None = None,
     ):
         common.check_num_features(num_features, "RMSNorm")
         self.scale = _param(use_scale, scale_init, num_features, param_dtype, rngs, scale_metadata)
@@ -500,10 +500,10 @@ class GroupNorm(nnx.Module):
         axis_index_groups: Any = None,
         use_fast_variance: bool = True,
         promote_dtype: PromoteDtypeFn = common.promote_exactly,
-        normalized_dtype: Dtype | None = None,
         rngs: nnx.Rngs,
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
+        normalized_dtype: Dtype | None = None,
     ):
         common.check_num_features(num_features, "GroupNorm")
         self.feature_axis = -1
@@ -605,10 +605,10 @@ class InstanceNorm(nnx.Module):
         axis_index_groups: Any = None,
         use_fast_variance: bool = True,
         promote_dtype: PromoteDtypeFn = common.promote_exactly,
-        normalized_dtype: Dtype | None = None,
         rngs: nnx.Rngs,
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
+        normalized_dtype: Dtype | None = None,
     ):
         common.check_num_features(num_features, "InstanceNorm")
         self.scale = _param(use_scale, scale_init, num_features, param_dtype, rngs, scale_metadata)

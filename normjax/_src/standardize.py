@@ -68,8 +68,8 @@ class _Spec(NamedTuple):
     axis_name: object
     axis_index_groups: object
     out_dtype: object
-    normalized_dtype: object
     layout: str
+    normalized_dtype: object = None
 
 
 def as_feature(param: jax.Array, ndim: int, feature_axes: tuple[int, ...]) -> jax.Array:
@@ -122,7 +122,7 @@ def standardize(
     axes_lib.check_real_output(out_dtype, scale=scale, bias=bias)
     if normalized_dtype is not None:
         normalized_dtype = jax.dtypes.canonicalize_dtype(normalized_dtype)
-    spec = _Spec(reduction_axes, feature_axes, bool(centered), names, groups, out_dtype, normalized_dtype, "generic")
+    spec = _Spec(reduction_axes, feature_axes, bool(centered), names, groups, out_dtype, "generic", normalized_dtype)
     if mask is not None:
         mask = jnp.broadcast_to(mask, x.shape)
     epsilon = jnp.asarray(epsilon, jnp.finfo(axes_lib.stats_dtype(x.dtype)).dtype)
