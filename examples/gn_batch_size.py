@@ -62,7 +62,7 @@ def train_chunk(params, opt_state, states, xs, ys, *, norm, optimizer):
 def test_error(params, states, x, y, *, norm):
     """Inference mode: the BatchNorms use their running statistics (averaged over the workers); GroupNorm,
     LayerNorm and InstanceNorm compute the same per-example statistics as in training."""
-    states = jax.tree.map(lambda a: jnp.mean(a, axis=0), states)
+    states = jax.tree.map(lambda a: jnp.mean(a, axis=0).astype(a.dtype), states)  # the step count stays int
     norm = "batch" if norm == "sync_batch" else norm  # in inference there is nothing to synchronize
     logits, _ = C.resnet_apply(params, states, x, norm=norm, training=False)
     return 1.0 - C.accuracy(logits, y)

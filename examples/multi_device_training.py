@@ -140,7 +140,7 @@ def train(variant, norm, data, devices, *, steps, chunk, per_device_batch, learn
         params, opt_state, states, losses = run(params, opt_state, states, xs, ys)
         # Inference uses the device-averaged running statistics (per-device BN's differ between devices).
         eval_params = host(params, first=variant == "pmap")
-        eval_states = jax.tree.map(lambda a: np.mean(a, axis=0), host(states))
+        eval_states = jax.tree.map(lambda a: np.mean(a, axis=0).astype(a.dtype), host(states))  # count: int
         curve.append((done, float(evaluate(eval_params, eval_states, x_test, y_test))))
         loss = float(np.asarray(losses).reshape(-1)[-1])
         first_losses = np.asarray(losses).reshape(-1)[:3] if first_losses is None else first_losses

@@ -44,7 +44,8 @@ def bits(a) -> np.ndarray:
 
 
 def assert_same_state(got, want):
-    for g, w in zip(got, want, strict=True):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(bits(g), bits(w))
 
 

@@ -59,8 +59,10 @@ def test_initial_state(features):
     np.testing.assert_array_equal(state.mean, np.zeros(shape))
     np.testing.assert_array_equal(state.var, np.ones(shape))
     assert state.mean.dtype == state.var.dtype == jnp.float32
-    # A pytree of exactly (mean, var), constructible from those two alone.
-    assert normjax.BatchNormState(state.mean, state.var) == state and len(jax.tree.leaves(state)) == 2
+    # A pytree of (mean, var, count), the step count an int32 0; constructible from (mean, var) alone, uncounted.
+    assert state.count.dtype == jnp.int32 and state.count.shape == () and int(state.count) == 0
+    assert len(jax.tree.leaves(state)) == 3
+    assert len(jax.tree.leaves(normjax.BatchNormState(state.mean, state.var))) == 2
 
 
 @pytest.mark.parametrize(("shape", "axis"), LAYOUTS)

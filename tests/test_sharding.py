@@ -116,7 +116,7 @@ def _functional(norm, batch_axis, feature_axis, features):
                 momentum=MOMENTUM,
                 axis_name=batch_axis,
             )
-            return y, state._asdict()
+            return y, {"mean": state.mean, "var": state.var}
         if norm == "LayerNorm":
             return normjax.layer_norm(x, scale, bias, axis_name=feature_axis), {}
         if norm == "RMSNorm":

@@ -28,7 +28,8 @@ def bits(a) -> np.ndarray:
 
 
 def assert_bit_exact(state, expected):
-    for got, want in zip(state, expected, strict=True):
+    assert jax.tree.structure(state) == jax.tree.structure(expected)
+    for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(expected), strict=True):
         assert got.dtype == want.dtype
         np.testing.assert_array_equal(bits(got), bits(want))
 

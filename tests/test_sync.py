@@ -154,7 +154,7 @@ def _assert_matches_global(y, state, x, mask, tol):
     want_y, mean, var, _ = reference.batch_norm_train(x, SCALE, BIAS, mask=mask, epsilon=1e-5)
     valid = np.ones(x.shape, bool) if mask is None else np.broadcast_to(mask, x.shape)
     np.testing.assert_allclose(np.asarray(y)[valid], want_y[valid], rtol=0, atol=tol["y_atol"])
-    state_mean, state_var = (np.asarray(a) for a in state)
+    state_mean, state_var = np.asarray(state.mean), np.asarray(state.var)
     for a in (state_mean, state_var):  # bit-identical on every device: running averages cannot drift apart
         np.testing.assert_array_equal(a, np.broadcast_to(a[0], a.shape))
     want_mean = MOMENTUM * np.asarray(STATE.mean, np.float64) + (1 - MOMENTUM) * mean
@@ -377,7 +377,7 @@ def test_running_statistics_identical_on_every_device_over_steps(runner):
             jax.shard_map(step, mesh=_mesh(DEVICES, ("d",)), in_specs=(P("d"), P("d"), P()), out_specs=(P("d"), P()))
         )
         states, split = STATE, lambda a: a  # noqa: E731
-    want_mean, want_var = (np.asarray(a, np.float64) for a in STATE)
+    want_mean, want_var = np.asarray(STATE.mean, np.float64), np.asarray(STATE.var, np.float64)
     for seed, case in enumerate(["uneven", "zero_device", "full", "uneven"]):
         x, mask = _data(case, seed=seed)
         mask = np.ones((DEVICES * ROWS, 1), bool) if mask is None else mask
@@ -385,11 +385,11 @@ def test_running_statistics_identical_on_every_device_over_steps(runner):
         _, mean, var, _ = reference.batch_norm_train(x, mask=mask)
         want_mean = MOMENTUM * want_mean + (1 - MOMENTUM) * mean
         want_var = MOMENTUM * want_var + (1 - MOMENTUM) * var
-        got_mean, got_var = (np.asarray(a).reshape(-1, C) for a in states)
+        got_mean, got_var = (np.asarray(a).reshape(-1, C) for a in (states.mean, states.var))
         for a in (got_mean, got_var):
             np.testing.assert_array_equal(a, np.broadcast_to(a[0], a.shape))
         if runner == "shard_map":  # replicated (P()) output: every device's buffer, not just the gathered one
-            for a in states:
+            for a in (states.mean, states.var):
                 shards = [np.asarray(s.data) for s in a.addressable_shards]
                 assert len(shards) == DEVICES and all(np.array_equal(s, shards[0]) for s in shards)
         np.testing.assert_allclose(got_mean[0], want_mean, rtol=1e-6, atol=1e-6)

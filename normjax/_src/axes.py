@@ -109,16 +109,45 @@ def check_inexact(x: jax.Array, name: str = "x") -> None:
         )
 
 
+def is_narrow_float(dtype) -> bool:
+    """Whether ``dtype`` is a real float narrower than 16 bits (``float8_e4m3fn``, ``float8_e5m2``, ...).
+
+    JAX gives such types no implicit promotion path (``jnp.promote_types(float8_e4m3fn, float32)`` raises), so
+    the norms widen them explicitly: their statistics and arithmetic run in float32.
+    """
+    return jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 16
+
+
+def promote_types(*dtypes) -> jnp.dtype:
+    """``jnp.promote_types`` of ``dtypes``, with a float narrower than 16 bits promoted as float32 when it meets
+    another dtype (JAX refuses to promote those implicitly); alone, or only with itself, it stays as it is."""
+    dtypes = tuple(jnp.dtype(d) for d in dtypes)
+    if len(set(dtypes)) == 1:
+        return dtypes[0]
+    result = jnp.dtype(jnp.float32) if any(is_narrow_float(d) for d in dtypes) else dtypes[0]
+    for d in dtypes:
+        result = jnp.promote_types(result, jnp.float32 if is_narrow_float(d) else d)
+    return result
+
+
 def stats_dtype(dtype) -> jnp.dtype:
     """The dtype statistics are computed in: float32 or wider (complex64 or wider for complex inputs).
 
-    Canonicalized, so a NumPy float64 input with x64 disabled computes in float32 without a truncation warning.
+    Canonicalized, so a NumPy float64 input with x64 disabled computes in float32 without a truncation warning;
+    8-bit (and narrower) floats compute in float32.
     """
-    return jax.dtypes.canonicalize_dtype(jnp.promote_types(dtype, jnp.float32))
+    return jax.dtypes.canonicalize_dtype(promote_types(dtype, jnp.float32))
 
 
 def output_dtype(x: jax.Array, dtype=None) -> jnp.dtype:
-    """The dtype of a norm's output: ``dtype`` if given, else ``x``'s, as JAX represents it (x64 or not)."""
+    """The dtype of a norm's output: ``dtype`` if given, else ``x``'s, as JAX represents it (x64 or not).
+
+    An input narrower than 16 bits (``float8_e4m3fn``, ``float8_e5m2``) outputs float32 unless ``dtype`` says
+    otherwise: an 8-bit output keeps 2 to 4 significant bits of the normalized values, so it is a choice to make
+    explicitly (e.g. to feed a float8 matmul), not a default.
+    """
+    if dtype is None and is_narrow_float(x.dtype):
+        return jnp.dtype(jnp.float32)
     return jax.dtypes.canonicalize_dtype(x.dtype if dtype is None else dtype)
 
 
@@ -194,6 +223,13 @@ def check_state(state, feature_shape: tuple[int, ...], x_dtype, what: str) -> No
         raise TypeError(
             f"`state.var` must be real (the variance of |x|), got dtype {jnp.result_type(state.var)}. "
             f"Use `normjax.init_batch_norm_state({feature_shape}, dtype=jnp.complex64)`, which keeps `var` real."
+        )
+    count = getattr(state, "count", None)
+    if count is not None and (jnp.ndim(count) != 0 or not jnp.issubdtype(jnp.result_type(count), jnp.integer)):
+        raise TypeError(
+            f"`state.count` must be None or an integer scalar (the number of training steps that updated the "
+            f"state), got {_describe(count)}. Create the state with `normjax.init_batch_norm_state("
+            f"{feature_shape})` (count 0, int32), or pass `count=None` to leave the steps uncounted."
         )
     complex_x = jnp.issubdtype(x_dtype, jnp.complexfloating)
     if complex_x and not jnp.issubdtype(jnp.result_type(state.mean), jnp.complexfloating):
@@ -320,6 +356,30 @@ def check_renorm_clipping(renorm_clipping) -> None:
         raise ValueError(f"{expected} (and finite), {hint}")
 
 
+def check_renorm_warmup(renorm_warmup_steps, renorm_clipping, count) -> None:
+    """Raises unless `renorm_warmup_steps` is a non-negative int, used with `renorm_clipping` and a step counter."""
+    if not _is_int(renorm_warmup_steps) or renorm_warmup_steps < 0:
+        raise TypeError(
+            f"`renorm_warmup_steps` must be a non-negative int (the number of training steps of plain BatchNorm "
+            f"before Batch Renormalization starts), got {renorm_warmup_steps!r} of type "
+            f"{_type_name(renorm_warmup_steps)}. Pass e.g. `renorm_warmup_steps=100_000` (CrossQ), or 0 for none."
+        )
+    if renorm_warmup_steps == 0:
+        return
+    if renorm_clipping is None:
+        raise ValueError(
+            f"`renorm_warmup_steps`={renorm_warmup_steps} warms up Batch Renormalization, but `renorm_clipping` "
+            "is None. Pass the clipping that follows the warm-up, e.g. `renorm_clipping=(3.0, 5.0)`, or "
+            "`renorm_warmup_steps=0`."
+        )
+    if count is None:
+        raise ValueError(
+            f"`renorm_warmup_steps`={renorm_warmup_steps} counts training steps in `state.count`, but the state "
+            "has no counter (`state.count` is None). Create the state with `normjax.init_batch_norm_state(...)` "
+            "(count 0), or add one: `state._replace(count=jnp.zeros((), jnp.int32))`."
+        )
+
+
 def check_virtual_batch_size(virtual_batch_size, batch: int) -> None:
     """Raises unless `virtual_batch_size` is a positive int (Python or NumPy) dividing the batch size."""
     divisors = [d for d in range(1, batch + 1) if batch % d == 0] if batch else []
@@ -353,6 +413,14 @@ def check_features(features, name: str = "features") -> tuple[int, ...]:
     if any(f < 0 for f in shape):
         raise ValueError(f"`{name}` must not be negative, got {features!r}. {fix}")
     return shape
+
+
+def _describe(value) -> str:
+    """`value`'s dtype and shape, or its type when it is not an array."""
+    try:
+        return f"dtype {jnp.result_type(value)} and shape {jnp.shape(value)}"
+    except TypeError:
+        return f"{value!r} of type {_type_name(value)}"
 
 
 def check_float_dtype(dtype, name: str = "dtype", what: str = "the output dtype") -> None:

@@ -29,6 +29,9 @@ def batch_norm(
     allow_single_value: bool = False,
     virtual_batch_size: int | None = None,
     renorm_clipping: tuple[float, float] | None = None,
+    renorm_warmup_steps: int = 0,
+    dtype=None,
+    normalized_dtype=None,
 ) -> tuple[jax.Array, BatchNormState]:
     r"""Batch Normalization (Ioffe & Szegedy, 2015), a pure function of the input and the running state.
 
@@ -77,10 +80,19 @@ def batch_norm(
       renorm_clipping: Batch Renormalization (Ioffe, 2017): ``(r_max, d_max)``. In training the output is
         corrected towards the running statistics by :math:`r = \mathrm{clip}(\sigma_B/\hat\sigma,
         1/r_{max}, r_{max})` and :math:`d = \mathrm{clip}((\mu_B - \hat\mu)/\hat\sigma, -d_{max}, d_{max})`
-        (no gradient through either): :math:`y = (\frac{x - \mu_B}{\sigma_B} r + d)\gamma + \beta`.
+        (no gradient through either): :math:`y = (\frac{x - \mu_B}{\sigma_B} r + d)\gamma + \beta`. Either
+        bound may be traced, e.g. a schedule computed from ``state.count``.
+      renorm_warmup_steps: Batch Renormalization's warm-up (as in the paper and CrossQ): while
+        ``state.count < renorm_warmup_steps`` the training step is plain BatchNorm (:math:`r = 1, d = 0`),
+        afterwards ``renorm_clipping`` applies. Needs a state with a step counter
+        (:func:`init_batch_norm_state`).
+      dtype: the output dtype; defaults to ``x``'s (float32 for an 8-bit float ``x``).
+      normalized_dtype: the casting order: None (default) computes the affine in float32 and rounds once;
+        a dtype rounds :math:`\hat x` to it before the affine (see the numerics guide).
 
     Returns:
-      ``(y, new_state)``: the output in ``x``'s dtype and the new running statistics.
+      ``(y, new_state)``: the output and the new running statistics, whose ``count`` (when not None) grows
+      by one on a training step that updated any feature.
 
     Example:
       >>> import jax.numpy as jnp
@@ -107,7 +119,7 @@ def batch_norm(
     if training:  # evaluation does not synchronize, so it needs no bound axis
         axes_lib.check_ghost_batch_options(virtual_batch_size, axis_name, renorm_clipping)
         axes_lib.check_axis_name(axis_name, axis_index_groups)
-    axes_lib.check_real_output(x.dtype, scale=scale, bias=bias)
+    axes_lib.check_real_output(axes_lib.output_dtype(x, dtype), scale=scale, bias=bias)
     # -- end of argument checks --
     axes_lib.check_momentum(momentum)
     axes_lib.check_epsilon(epsilon, x.dtype)
@@ -120,11 +132,13 @@ def batch_norm(
     axes_lib.check_state(state, feature_shape, x.dtype, what)
     axes_lib.check_mask(mask, jnp.shape(x))
     axes_lib.check_renorm_clipping(renorm_clipping)
+    axes_lib.check_renorm_warmup(renorm_warmup_steps, renorm_clipping, getattr(state, "count", None))
+    casting = dict(dtype=dtype, normalized_dtype=normalized_dtype)
 
     if not training:
         mean = as_feature(state.mean, ndim, feature_axes)
         var = as_feature(state.var, ndim, feature_axes)
-        y = normalize(x, mean, var, scale, bias, epsilon=epsilon, feature_axes=feature_axes)
+        y = normalize(x, mean, var, scale, bias, epsilon=epsilon, feature_axes=feature_axes, **casting)
         return y, state
 
     if virtual_batch_size is not None:
@@ -132,14 +146,15 @@ def batch_norm(
             x, state, scale, bias, feature_axes=feature_axes, momentum=momentum, epsilon=epsilon,
             axis_name=axis_name, mask=mask, unbiased_running_var=unbiased_running_var,
             skip_nonfinite=skip_nonfinite, allow_single_value=allow_single_value,
-            virtual_batch_size=virtual_batch_size, renorm_clipping=renorm_clipping,
+            virtual_batch_size=virtual_batch_size, renorm_clipping=renorm_clipping, **casting,
         )  # fmt: skip
 
     reduction_axes = axes_lib.complement(feature_axes, ndim)
     axes_lib.check_batch_norm_values(x.shape, reduction_axes, mask, axis_name, axis_index_groups, allow_single_value)
     y, stats = standardize(
         x, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes, epsilon=epsilon, mask=mask,
-        axis_name=axis_name, axis_index_groups=axis_index_groups, renorm=_renorm(state, renorm_clipping),
+        axis_name=axis_name, axis_index_groups=axis_index_groups,
+        renorm=_renorm(state, renorm_clipping, renorm_warmup_steps), **casting,
     )  # fmt: skip
     squeeze = lambda a: jnp.reshape(a, feature_shape)  # noqa: E731
     new_state = _update_state(
@@ -155,12 +170,18 @@ def batch_norm(
     return y, new_state
 
 
-def _renorm(state: BatchNormState, renorm_clipping) -> Renorm | None:
-    """Batch Renormalization's inputs for the core; the clipping bounds may be traced (a schedule)."""
+def _renorm(state: BatchNormState, renorm_clipping, warmup_steps: int) -> Renorm | None:
+    """Batch Renormalization's inputs for the core; the clipping bounds may be traced (a schedule).
+
+    During the warm-up the bounds are (1, 0), which clip r to 1 and d to 0: plain BatchNorm.
+    """
     if renorm_clipping is None:
         return None
-    r_max, d_max = renorm_clipping
-    return Renorm(state.mean, state.var, jnp.asarray(r_max, state.var.dtype), jnp.asarray(d_max, state.var.dtype))
+    r_max, d_max = (jnp.asarray(bound, state.var.dtype) for bound in renorm_clipping)
+    if warmup_steps:
+        warming_up = state.count < warmup_steps
+        r_max, d_max = jnp.where(warming_up, 1, r_max), jnp.where(warming_up, 0, d_max)
+    return Renorm(state.mean, state.var, r_max, d_max)
 
 
 def _unbiased(var, count):
@@ -179,7 +200,7 @@ def _update_state(state, mean, var, count, *, momentum, epsilon, unbiased_runnin
 
 def _ghost_batch_norm(
     x, state, scale, bias, *, feature_axes, momentum, epsilon, axis_name, mask, unbiased_running_var,
-    skip_nonfinite, allow_single_value, virtual_batch_size, renorm_clipping,
+    skip_nonfinite, allow_single_value, virtual_batch_size, renorm_clipping, dtype, normalized_dtype,
 ):  # fmt: skip
     if 0 in feature_axes:
         raise ValueError(
@@ -198,8 +219,9 @@ def _ghost_batch_norm(
     reduction_axes = axes_lib.complement((0,) + grouped_features, xg.ndim)
     axes_lib.check_batch_norm_values(xg.shape, reduction_axes, mask_g, None, None, allow_single_value)
     y, stats = standardize(
-        xg, scale, bias, reduction_axes=reduction_axes, feature_axes=grouped_features, epsilon=epsilon, mask=mask_g
-    )
+        xg, scale, bias, reduction_axes=reduction_axes, feature_axes=grouped_features, epsilon=epsilon, mask=mask_g,
+        dtype=dtype, normalized_dtype=normalized_dtype,
+    )  # fmt: skip
 
     # The running statistics see the count-weighted average of the virtual batches' statistics.
     weights = stats.count / jnp.maximum(jnp.sum(stats.count, axis=0, keepdims=True), 1)

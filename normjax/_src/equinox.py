@@ -24,6 +24,7 @@ except ImportError as error:  # an optional dependency: `import normjax` alone n
         "(or `pip install equinox`)."
     ) from error
 
+from normjax._src import axes as axes_lib
 from normjax._src.batch_norm import batch_norm
 from normjax._src.example_norms import group_norm, instance_norm, layer_norm, rms_norm
 from normjax._src.state import BatchNormState, init_batch_norm_state
@@ -98,6 +99,15 @@ class BatchNorm(eqx.nn.StatefulLayer):
       dtype: the dtype of ``weight`` and ``bias`` (default float32, or float64 with ``jax_enable_x64``); the
         running statistics use it too, but at least float32.
       mode: ``"batch"``, the only mode (accepted for compatibility with Equinox's argument).
+      renorm_clipping: Batch Renormalization (Ioffe, 2017): ``(r_max, d_max)`` corrects the training output
+        towards the running statistics (see :func:`normjax.batch_norm`).
+      renorm_warmup_steps: train as plain BatchNorm for this many updating steps before ``renorm_clipping``
+        applies (CrossQ: 100000); the state's :class:`normjax.BatchNormState` then carries a step ``count``,
+        which it holds only in that case (``count=None`` otherwise).
+      normalized_dtype: the casting order: None (default) computes the affine in float32 and rounds once, to
+        ``x``'s dtype (float32 for an 8-bit float ``x``); a dtype rounds the normalized values to it before the
+        affine, which then runs in the promotion of it and ``dtype`` (HF Llama: the input dtype; see the
+        numerics guide).
 
     Example:
       >>> import equinox as eqx, jax, jax.numpy as jnp
@@ -125,6 +135,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
     channelwise_affine: bool = eqx.field(static=True)
     momentum: float = eqx.field(static=True)
     mode: Literal["batch"] = eqx.field(static=True)
+    renorm_clipping: tuple[float, float] | None = eqx.field(static=True)
+    renorm_warmup_steps: int = eqx.field(static=True)
+    normalized_dtype: object = eqx.field(static=True)
 
     def __init__(
         self,
@@ -136,6 +149,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
         inference: bool = False,
         dtype=None,
         mode: Literal["batch"] = "batch",
+        *,
+        renorm_clipping: tuple[float, float] | None = None,
+        renorm_warmup_steps: int = 0,
+        normalized_dtype=None,
     ):
         if mode != "batch":
             raise ValueError(
@@ -146,7 +163,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
         dtype = _param_dtype(dtype)
         self.weight = jnp.ones((input_size,), dtype) if channelwise_affine else None
         self.bias = jnp.zeros((input_size,), dtype) if channelwise_affine else None
-        self.state_index = eqx.nn.StateIndex(init_batch_norm_state(input_size, jnp.promote_types(dtype, jnp.float32)))
+        running = init_batch_norm_state(input_size, jnp.promote_types(dtype, jnp.float32))
+        self.state_index = eqx.nn.StateIndex(running if renorm_warmup_steps else running._replace(count=None))
         self.inference = inference
         self.input_size = input_size
         # static, so hashable: a list of names (Equinox accepts any sequence) becomes a tuple
@@ -155,6 +173,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.channelwise_affine = channelwise_affine
         self.momentum = momentum
         self.mode = mode
+        self.renorm_clipping = None if renorm_clipping is None else tuple(renorm_clipping)
+        self.renorm_warmup_steps = renorm_warmup_steps
+        self.normalized_dtype = normalized_dtype
 
     @jax.named_scope("normjax.equinox.BatchNorm")
     def __call__(
@@ -195,6 +216,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
             return batch_norm(
                 x, running, self.weight, self.bias, training=training, momentum=self.momentum, epsilon=self.eps,
                 axis=0, axis_name=self.axis_name, mask=None if mask is None else jnp.asarray(mask, bool),
+                renorm_clipping=self.renorm_clipping, renorm_warmup_steps=self.renorm_warmup_steps,
+                normalized_dtype=self.normalized_dtype,
             )  # fmt: skip
 
         if isinstance(inference, bool):
@@ -222,6 +245,10 @@ class LayerNorm(eqx.Module):
       use_weight: learn an elementwise scale ``weight``.
       use_bias: learn an elementwise shift ``bias``.
       dtype: the dtype of ``weight`` and ``bias`` (default float32, or float64 with ``jax_enable_x64``).
+      normalized_dtype: the casting order: None (default) computes the affine in float32 and rounds once, to
+        ``x``'s dtype (float32 for an 8-bit float ``x``); a dtype rounds the normalized values to it before the
+        affine, which then runs in the promotion of it and ``dtype`` (HF Llama: the input dtype; see the
+        numerics guide).
       elementwise_affine: Equinox's deprecated alias setting both ``use_weight`` and ``use_bias``.
 
     Example:
@@ -236,6 +263,7 @@ class LayerNorm(eqx.Module):
 
     shape: tuple[int, ...] = eqx.field(static=True)
     eps: float = eqx.field(static=True)
+    normalized_dtype: object = eqx.field(static=True)
     use_weight: bool = eqx.field(static=True)
     use_bias: bool = eqx.field(static=True)
     weight: jax.Array | None
@@ -250,11 +278,13 @@ class LayerNorm(eqx.Module):
         dtype=None,
         *,
         elementwise_affine: bool | None = None,
+        normalized_dtype=None,
     ):
         if elementwise_affine is not None:
             use_weight = use_bias = elementwise_affine
         self.shape = (shape,) if isinstance(shape, int) else tuple(shape)
         self.eps = eps
+        self.normalized_dtype = normalized_dtype
         self.use_weight = use_weight
         self.use_bias = use_bias
         dtype = _param_dtype(dtype)
@@ -271,7 +301,10 @@ class LayerNorm(eqx.Module):
             raise _per_example_error(
                 "LayerNorm", f"shape={self.shape}", jnp.shape(x), "Apply it per example with `jax.vmap(layer)(x)`."
             )
-        y = layer_norm(x, self.weight, self.bias, axis=tuple(range(x.ndim)), epsilon=self.eps)
+        y = layer_norm(
+            x, self.weight, self.bias, axis=tuple(range(x.ndim)), epsilon=self.eps,
+            normalized_dtype=self.normalized_dtype,
+        )  # fmt: skip
         return y if state is None else (y, state)
 
 
@@ -292,6 +325,10 @@ class RMSNorm(eqx.Module):
       use_weight: learn an elementwise scale ``weight``.
       use_bias: learn an elementwise shift ``bias``.
       dtype: the dtype of ``weight`` and ``bias`` (default float32, or float64 with ``jax_enable_x64``).
+      normalized_dtype: the casting order: None (default) computes the affine in float32 and rounds once, to
+        ``x``'s dtype (float32 for an 8-bit float ``x``); a dtype rounds the normalized values to it before the
+        affine, which then runs in the promotion of it and ``dtype`` (HF Llama: the input dtype; see the
+        numerics guide).
 
     Example:
       >>> import jax.numpy as jnp
@@ -305,6 +342,7 @@ class RMSNorm(eqx.Module):
 
     shape: tuple[int, ...] = eqx.field(static=True)
     eps: float = eqx.field(static=True)
+    normalized_dtype: object = eqx.field(static=True)
     use_weight: bool = eqx.field(static=True)
     use_bias: bool = eqx.field(static=True)
     weight: jax.Array | None
@@ -317,9 +355,12 @@ class RMSNorm(eqx.Module):
         use_weight: bool = True,
         use_bias: bool = True,
         dtype=None,
+        *,
+        normalized_dtype=None,
     ):
         self.shape = (shape,) if isinstance(shape, int) else tuple(shape)
         self.eps = eps
+        self.normalized_dtype = normalized_dtype
         self.use_weight = use_weight
         self.use_bias = use_bias
         dtype = _param_dtype(dtype)
@@ -338,11 +379,15 @@ class RMSNorm(eqx.Module):
             )
         axes = tuple(range(x.ndim))
         if self.bias is None:
-            y = rms_norm(x, self.weight, axis=axes, epsilon=self.eps)
-        else:  # rms_norm has no shift: add it in >= float32 before the single rounding to x's dtype
-            wide = jnp.promote_types(x.dtype, jnp.float32)
-            y = rms_norm(x.astype(wide), self.weight, axis=axes, epsilon=self.eps) + self.bias.astype(wide)
-            y = y.astype(x.dtype)
+            y = rms_norm(x, self.weight, axis=axes, epsilon=self.eps, normalized_dtype=self.normalized_dtype)
+        else:  # rms_norm has no shift: add it in the affine's dtype, before the single rounding to the output
+            out = axes_lib.output_dtype(x)
+            wide = axes_lib.stats_dtype(x.dtype)
+            if self.normalized_dtype is not None:
+                wide = axes_lib.promote_types(self.normalized_dtype, self.weight.dtype, self.bias.dtype)
+            normalized = self.normalized_dtype
+            y = rms_norm(x, self.weight, axis=axes, epsilon=self.eps, dtype=wide, normalized_dtype=normalized)
+            y = (y + self.bias.astype(wide)).astype(out)
         return y if state is None else (y, state)
 
 
@@ -365,6 +410,10 @@ class GroupNorm(eqx.Module):
       eps: a small positive number added to the variance.
       channelwise_affine: learn a per-channel scale ``weight`` and shift ``bias``.
       dtype: the dtype of ``weight`` and ``bias`` (default float32, or float64 with ``jax_enable_x64``).
+      normalized_dtype: the casting order: None (default) computes the affine in float32 and rounds once, to
+        ``x``'s dtype (float32 for an 8-bit float ``x``); a dtype rounds the normalized values to it before the
+        affine, which then runs in the promotion of it and ``dtype`` (HF Llama: the input dtype; see the
+        numerics guide).
 
     Example:
       >>> import jax.numpy as jnp
@@ -379,6 +428,7 @@ class GroupNorm(eqx.Module):
     groups: int = eqx.field(static=True)
     channels: int | None = eqx.field(static=True)
     eps: float = eqx.field(static=True)
+    normalized_dtype: object = eqx.field(static=True)
     channelwise_affine: bool = eqx.field(static=True)
     weight: jax.Array | None
     bias: jax.Array | None
@@ -390,6 +440,8 @@ class GroupNorm(eqx.Module):
         eps: float = 1e-5,
         channelwise_affine: bool = True,
         dtype=None,
+        *,
+        normalized_dtype=None,
     ):
         if not isinstance(groups, int) or groups < 1:
             raise ValueError(f"GroupNorm got groups={groups!r}; pass a positive int number of groups.")
@@ -406,6 +458,7 @@ class GroupNorm(eqx.Module):
         self.groups = groups
         self.channels = channels
         self.eps = eps
+        self.normalized_dtype = normalized_dtype
         self.channelwise_affine = channelwise_affine
         dtype = _param_dtype(dtype)
         self.weight = jnp.ones((channels,), dtype) if channelwise_affine else None
@@ -425,7 +478,10 @@ class GroupNorm(eqx.Module):
                 jnp.shape(x),
                 "Map it over the batch with `jax.vmap(layer)(x)`, and put the channels first.",
             )
-        y = group_norm(x[None], self.weight, self.bias, num_groups=self.groups, axis=1, epsilon=self.eps)[0]
+        y = group_norm(
+            x[None], self.weight, self.bias, num_groups=self.groups, axis=1, epsilon=self.eps,
+            normalized_dtype=self.normalized_dtype,
+        )[0]  # fmt: skip
         return y if state is None else (y, state)
 
 
@@ -445,6 +501,10 @@ class InstanceNorm(eqx.Module):
       eps: a small positive number added to the variance.
       channelwise_affine: learn a per-channel scale ``weight`` and shift ``bias``.
       dtype: the dtype of ``weight`` and ``bias`` (default float32, or float64 with ``jax_enable_x64``).
+      normalized_dtype: the casting order: None (default) computes the affine in float32 and rounds once, to
+        ``x``'s dtype (float32 for an 8-bit float ``x``); a dtype rounds the normalized values to it before the
+        affine, which then runs in the promotion of it and ``dtype`` (HF Llama: the input dtype; see the
+        numerics guide).
 
     Example:
       >>> import jax.numpy as jnp
@@ -459,13 +519,17 @@ class InstanceNorm(eqx.Module):
 
     channels: int = eqx.field(static=True)
     eps: float = eqx.field(static=True)
+    normalized_dtype: object = eqx.field(static=True)
     channelwise_affine: bool = eqx.field(static=True)
     weight: jax.Array | None
     bias: jax.Array | None
 
-    def __init__(self, channels: int, eps: float = 1e-5, channelwise_affine: bool = True, dtype=None):
+    def __init__(
+        self, channels: int, eps: float = 1e-5, channelwise_affine: bool = True, dtype=None, *, normalized_dtype=None
+    ):
         self.channels = channels
         self.eps = eps
+        self.normalized_dtype = normalized_dtype
         self.channelwise_affine = channelwise_affine
         dtype = _param_dtype(dtype)
         self.weight = jnp.ones((channels,), dtype) if channelwise_affine else None
@@ -485,5 +549,7 @@ class InstanceNorm(eqx.Module):
                 "Map it over the batch with `jax.vmap(layer)(x)`; each channel is normalized over its spatial "
                 "axes, so a single value per channel has nothing to normalize over.",
             )
-        y = instance_norm(x[None], self.weight, self.bias, axis=1, epsilon=self.eps)[0]
+        y = instance_norm(
+            x[None], self.weight, self.bias, axis=1, epsilon=self.eps, normalized_dtype=self.normalized_dtype
+        )[0]
         return y if state is None else (y, state)

@@ -20,6 +20,8 @@ def layer_norm(
     feature_axes: axes_lib.Axes | None = None,
     axis_name: axes_lib.AxisName = None,
     axis_index_groups=None,
+    dtype=None,
+    normalized_dtype=None,
 ) -> jax.Array:
     r"""Layer Normalization (Ba, Kiros & Hinton, 2016): standardize each example over ``axis``.
 
@@ -38,9 +40,13 @@ def layer_norm(
       feature_axes: the axes ``scale`` and ``bias`` run along; defaults to ``axis``.
       axis_name: optional mapped axis over which the statistics are also reduced.
       axis_index_groups: optional groups along ``axis_name``.
+      dtype: the output dtype; defaults to ``x``'s (float32 for an 8-bit float ``x``).
+      normalized_dtype: the casting order: None (default) computes the affine in float32 and rounds once;
+        a dtype rounds :math:`\hat x` to it before the affine, which then runs in the promotion of it and the
+        parameters' dtypes (HF Llama: the input dtype; see the numerics guide).
 
     Returns:
-      The normalized array, in ``x``'s dtype.
+      The normalized array, in ``dtype``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -64,6 +70,8 @@ def layer_norm(
         mask=mask,
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
+        dtype=dtype,
+        normalized_dtype=normalized_dtype,
     )[0]
 
 
@@ -77,6 +85,8 @@ def rms_norm(
     feature_axes: axes_lib.Axes | None = None,
     axis_name: axes_lib.AxisName = None,
     axis_index_groups=None,
+    dtype=None,
+    normalized_dtype=None,
 ) -> jax.Array:
     r"""Root Mean Square Layer Normalization (Zhang & Sennrich, 2019): rescale without centering.
 
@@ -93,9 +103,13 @@ def rms_norm(
       feature_axes: the axes ``scale`` runs along; defaults to ``axis``.
       axis_name: optional mapped axis over which the statistics are also reduced.
       axis_index_groups: optional groups along ``axis_name``.
+      dtype: the output dtype; defaults to ``x``'s (float32 for an 8-bit float ``x``).
+      normalized_dtype: the casting order: None (default) computes the affine in float32 and rounds once;
+        a dtype rounds :math:`\hat x` to it before the affine, which then runs in the promotion of it and the
+        parameters' dtypes (HF Llama: the input dtype; see the numerics guide).
 
     Returns:
-      The normalized array, in ``x``'s dtype.
+      The normalized array, in ``dtype``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -120,6 +134,8 @@ def rms_norm(
         centered=False,
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
+        dtype=dtype,
+        normalized_dtype=normalized_dtype,
     )[0]
 
 
@@ -135,6 +151,8 @@ def group_norm(
     mask: jax.Array | None = None,
     axis_name: axes_lib.AxisName = None,
     axis_index_groups=None,
+    dtype=None,
+    normalized_dtype=None,
 ) -> jax.Array:
     r"""Group Normalization (Wu & He, 2018): standardize groups of contiguous channels of each example.
 
@@ -154,9 +172,13 @@ def group_norm(
       mask: optional boolean array broadcastable to ``x``.
       axis_name: optional mapped axis over which the statistics are also reduced.
       axis_index_groups: optional groups along ``axis_name``.
+      dtype: the output dtype; defaults to ``x``'s (float32 for an 8-bit float ``x``).
+      normalized_dtype: the casting order: None (default) computes the affine in float32 and rounds once;
+        a dtype rounds :math:`\hat x` to it before the affine, which then runs in the promotion of it and the
+        parameters' dtypes (HF Llama: the input dtype; see the numerics guide).
 
     Returns:
-      The normalized array, in ``x``'s dtype.
+      The normalized array, in ``dtype``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -193,6 +215,8 @@ def group_norm(
         mask=regroup(mask),
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
+        dtype=dtype,
+        normalized_dtype=normalized_dtype,
     )[0]
     return jnp.reshape(y, x.shape)
 
@@ -207,6 +231,8 @@ def instance_norm(
     mask: jax.Array | None = None,
     axis_name: axes_lib.AxisName = None,
     axis_index_groups=None,
+    dtype=None,
+    normalized_dtype=None,
 ) -> jax.Array:
     r"""Instance Normalization (Ulyanov, Vedaldi & Lempitsky, 2016): per example and channel, over space.
 
@@ -225,9 +251,13 @@ def instance_norm(
       mask: optional boolean array broadcastable to ``x``.
       axis_name: optional mapped axis over which the statistics are also reduced.
       axis_index_groups: optional groups along ``axis_name``.
+      dtype: the output dtype; defaults to ``x``'s (float32 for an 8-bit float ``x``).
+      normalized_dtype: the casting order: None (default) computes the affine in float32 and rounds once;
+        a dtype rounds :math:`\hat x` to it before the affine, which then runs in the promotion of it and the
+        parameters' dtypes (HF Llama: the input dtype; see the numerics guide).
 
     Returns:
-      The normalized array, in ``x``'s dtype.
+      The normalized array, in ``dtype``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -255,4 +285,6 @@ def instance_norm(
         mask=mask,
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
+        dtype=dtype,
+        normalized_dtype=normalized_dtype,
     )[0]

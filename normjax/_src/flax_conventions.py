@@ -60,11 +60,14 @@ def output_dtype(*arrays: jax.Array | None, dtype=None) -> jnp.dtype:
     """Flax's output dtype for a normalization layer: ``dtype`` if given, else the promoted dtype of ``arrays``.
 
     This is ``flax.linen.dtypes.canonicalize_dtype``: ``None`` entries are ignored and a non-inexact result is
-    promoted to floating point, so a bfloat16 input with float32 parameters gives a float32 output.
+    promoted to floating point, so a bfloat16 input with float32 parameters gives a float32 output. An input
+    narrower than 16 bits (``float8_e4m3fn``, ``float8_e5m2``), which Flax cannot promote, counts as float32:
+    its output is float32 unless ``dtype`` says otherwise.
     """
     check_input(arrays[0])
     if dtype is None:
-        dtype = jnp.result_type(*(a for a in arrays if a is not None))
+        dtypes = [jnp.result_type(a) for a in arrays if a is not None]
+        dtype = jnp.result_type(*(jnp.float32 if axes_lib.is_narrow_float(d) else d for d in dtypes))
         if not jnp.issubdtype(dtype, jnp.inexact):
             dtype = jnp.promote_types(jnp.float32, dtype)
     axes_lib.check_float_dtype(dtype, "dtype", "the layer's output dtype")
@@ -90,8 +93,11 @@ def check_input(x) -> None:
 
 def widen(x, out_dtype) -> jax.Array:
     """``x`` in the promotion of its dtype and the output dtype: exact (a wider float, or an integer input made
-    floating, as Flax accepts), so the core computes in >= float32 and rounds once, to the output dtype."""
+    floating, as Flax accepts), so the core computes in >= float32 and rounds once, to the output dtype. An 8-bit
+    float input stays as it is: the core reads it in float32."""
     x = jnp.asarray(x)
+    if axes_lib.is_narrow_float(x.dtype):
+        return x
     return x.astype(jnp.promote_types(x.dtype, out_dtype))
 
 
@@ -180,21 +186,21 @@ def check_several_values(
     )
 
 
-def _running_state(mean: jax.Array, var: jax.Array, x_dtype) -> BatchNormState:
+def _running_state(mean: jax.Array, var: jax.Array, count: jax.Array | None, x_dtype) -> BatchNormState:
     """Running statistics in the form the core requires for an input of dtype ``x_dtype``.
 
     At least float32 (a checkpoint may hold narrower ones); ``var`` real (an nnx ``promote_dtype`` may have made
     it complex); ``mean`` complex for a complex input. The last is what linen Flax does too: its running mean
     becomes complex on the first complex batch, where nnx Flax drops the imaginary part with a FutureWarning.
     """
-    stats_dtype = jnp.promote_types(x_dtype, jnp.float32)
+    stats_dtype = axes_lib.stats_dtype(x_dtype)
     mean = jnp.asarray(mean)
     mean = mean.astype(jnp.promote_types(mean.dtype, stats_dtype))
     var = jnp.asarray(var)
     if jnp.iscomplexobj(var):
         var = jnp.real(var)
     var = var.astype(jnp.promote_types(var.dtype, jnp.float32))
-    return BatchNormState(mean=mean, var=var)
+    return BatchNormState(mean=mean, var=var, count=None if count is None else jnp.asarray(count))
 
 
 def apply_batch_norm(
@@ -217,6 +223,9 @@ def apply_batch_norm(
     skip_nonfinite: bool,
     virtual_batch_size: int | None,
     renorm_clipping: tuple[float, float] | None,
+    renorm_warmup_steps: int = 0,
+    running_count: jax.Array | None = None,
+    normalized_dtype=None,
     stats_names: tuple[str, str] = ("batch_stats/mean", "batch_stats/var"),
     stats_fix: str = "",
 ) -> tuple[jax.Array, BatchNormState | None]:
@@ -226,6 +235,7 @@ def apply_batch_norm(
     renormalization, a batch of one is allowed, and the running statistics are left untouched (as in Flax):
     ``model.init(key, x)`` needs no bound ``axis_name`` and any init batch will do. ``stats_names`` and
     ``stats_fix`` phrase a shape mismatch of the running statistics in the layer's own terms.
+    ``running_count`` is the layer's step counter, which it keeps only when ``renorm_warmup_steps`` needs one.
     """
     axes_lib.check_static_bool(use_running_average, "use_running_average")
     out = output_dtype(x, scale, bias, dtype=dtype)
@@ -239,8 +249,8 @@ def apply_batch_norm(
         or "The checkpoint (or `variables`) was made for an input with another number of features along `axis`; "
         "restore the matching checkpoint, or re-initialize the layer with `model.init` on this input.",
     )
-    state = _running_state(running_mean, running_var, x.dtype)
-    shared = dict(epsilon=epsilon, axis=axis)
+    state = _running_state(running_mean, running_var, running_count, x.dtype)
+    shared = dict(epsilon=epsilon, axis=axis, normalized_dtype=normalized_dtype)
     if use_running_average:
         y, _ = batch_norm(x, state, scale, bias, training=False, **shared)
         return y.astype(out), None
@@ -254,7 +264,7 @@ def apply_batch_norm(
         x, state, scale, bias, training=True, momentum=momentum, axis_name=axis_name,
         axis_index_groups=axis_index_groups, mask=bool_mask(mask), unbiased_running_var=unbiased_running_var,
         skip_nonfinite=skip_nonfinite, virtual_batch_size=virtual_batch_size, renorm_clipping=renorm_clipping,
-        **shared,
+        renorm_warmup_steps=renorm_warmup_steps, **shared,
     )  # fmt: skip
     return y.astype(out), new_state
 
@@ -274,6 +284,7 @@ def apply_standardize(
     initializing: bool = False,
     centered: bool = True,
     layer: str = "LayerNorm",
+    normalized_dtype=None,
 ) -> jax.Array:
     """LayerNorm / RMSNorm (``centered=False``) / InstanceNorm: per-example statistics, Flax's axes and dtypes.
 
@@ -296,6 +307,7 @@ def apply_standardize(
         axis_name=axis_name if sync else None,
         axis_index_groups=axis_index_groups if sync else None,
         dtype=out,
+        normalized_dtype=normalized_dtype,
     )[0]
 
 
@@ -362,6 +374,7 @@ def apply_group_norm(
     axis_index_groups,
     dtype,
     initializing: bool = False,
+    normalized_dtype=None,
 ) -> jax.Array:
     """Flax's GroupNorm: channels (last axis) split into contiguous groups, statistics over each group and
     ``reduction_axes``; a per-channel affine.
@@ -400,5 +413,6 @@ def apply_group_norm(
         axis_name=axis_name if sync else None,
         axis_index_groups=axis_index_groups if sync else None,
         dtype=out,
+        normalized_dtype=normalized_dtype,
     )[0]
     return jnp.reshape(y, x.shape)

@@ -65,6 +65,12 @@ class BatchNorm(nn.Module):
         many examples (axis 0) with its own statistics; must divide the batch size.
       renorm_clipping: Batch Renormalization (Ioffe, 2017): ``(r_max, d_max)`` corrects the training output
         towards the running statistics.
+      renorm_warmup_steps: train as plain BatchNorm for this many updating steps before ``renorm_clipping``
+        applies (CrossQ: 100000). The layer then keeps its step counter in ``batch_stats/count`` (an int32
+        scalar), a variable created only in that case, so plain checkpoints stay exactly Flax's.
+      normalized_dtype: the casting order: None (default) computes the affine in float32 and rounds once, to
+        ``dtype``; a dtype rounds the normalized values to it before the affine, which then runs in the
+        promotion of it and ``param_dtype`` (HF Llama: the input dtype; see the numerics guide).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -102,6 +108,8 @@ class BatchNorm(nn.Module):
     skip_nonfinite: bool = True
     virtual_batch_size: int | None = None
     renorm_clipping: tuple[float, float] | None = None
+    renorm_warmup_steps: int = 0
+    normalized_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
@@ -120,6 +128,7 @@ class BatchNorm(nn.Module):
         stats_dtype = common.RUNNING_STATS_DTYPE
         ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), shape)
         ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), shape)
+        count = self.variable("batch_stats", "count", jnp.zeros, (), jnp.int32) if self.renorm_warmup_steps else None
         scale, bias = _affine(self, shape, self.use_scale, self.use_bias)
         y, new_state = common.apply_batch_norm(
             x, ra_mean.value, ra_var.value, scale, bias, use_running_average=use_running_average,
@@ -127,10 +136,14 @@ class BatchNorm(nn.Module):
             axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, mask=mask, dtype=self.dtype,
             unbiased_running_var=self.unbiased_running_var, skip_nonfinite=self.skip_nonfinite,
             virtual_batch_size=self.virtual_batch_size, renorm_clipping=self.renorm_clipping,
+            renorm_warmup_steps=self.renorm_warmup_steps, running_count=None if count is None else count.value,
+            normalized_dtype=self.normalized_dtype,
         )  # fmt: skip
         if new_state is not None:
             ra_mean.value = new_state.mean
             ra_var.value = new_state.var
+            if count is not None:
+                count.value = new_state.count
         return y
 
 
@@ -172,6 +185,9 @@ class LayerNorm(nn.Module):
       axis_index_groups: groups of indices along ``axis_name``.
       use_fast_variance: accepted for Flax compatibility; ignored.
       force_float32_reductions: accepted for Flax compatibility; ignored.
+      normalized_dtype: the casting order: None (default) computes the affine in float32 and rounds once, to
+        ``dtype``; a dtype rounds the normalized values to it before the affine, which then runs in the
+        promotion of it and ``param_dtype`` (HF Llama: the input dtype; see the numerics guide).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -198,6 +214,7 @@ class LayerNorm(nn.Module):
     axis_index_groups: Any = None
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
+    normalized_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None):
@@ -216,6 +233,7 @@ class LayerNorm(nn.Module):
             x, scale, bias, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
             epsilon=self.epsilon, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
             dtype=self.dtype, initializing=self.is_initializing(), layer="LayerNorm",
+            normalized_dtype=self.normalized_dtype,
         )  # fmt: skip
 
 
@@ -245,6 +263,9 @@ class RMSNorm(nn.Module):
       axis_index_groups: groups of indices along ``axis_name``.
       use_fast_variance: accepted for Flax compatibility; ignored.
       force_float32_reductions: accepted for Flax compatibility; ignored.
+      normalized_dtype: the casting order: None (default) computes the affine in float32 and rounds once, to
+        ``dtype``; a dtype rounds the normalized values to it before the affine, which then runs in the
+        promotion of it and ``param_dtype`` (HF Llama: the input dtype; see the numerics guide).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -269,6 +290,7 @@ class RMSNorm(nn.Module):
     axis_index_groups: Any = None
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
+    normalized_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None):
@@ -287,6 +309,7 @@ class RMSNorm(nn.Module):
             x, scale, None, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
             epsilon=self.epsilon, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
             dtype=self.dtype, initializing=self.is_initializing(), centered=False, layer="RMSNorm",
+            normalized_dtype=self.normalized_dtype,
         )  # fmt: skip
 
 
@@ -319,6 +342,9 @@ class GroupNorm(nn.Module):
       axis_index_groups: groups of indices along ``axis_name``.
       use_fast_variance: accepted for Flax compatibility; ignored.
       force_float32_reductions: accepted for Flax compatibility; ignored.
+      normalized_dtype: the casting order: None (default) computes the affine in float32 and rounds once, to
+        ``dtype``; a dtype rounds the normalized values to it before the affine, which then runs in the
+        promotion of it and ``param_dtype`` (HF Llama: the input dtype; see the numerics guide).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -346,6 +372,7 @@ class GroupNorm(nn.Module):
     axis_index_groups: Any = None
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
+    normalized_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None):
@@ -363,6 +390,7 @@ class GroupNorm(nn.Module):
             x, scale, bias, num_groups=self.num_groups, group_size=self.group_size,
             reduction_axes=self.reduction_axes, epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups, dtype=self.dtype, initializing=self.is_initializing(),
+            normalized_dtype=self.normalized_dtype,
         )  # fmt: skip
 
 
@@ -393,6 +421,9 @@ class InstanceNorm(nn.Module):
       axis_index_groups: groups of indices along ``axis_name``.
       use_fast_variance: accepted for Flax compatibility; ignored.
       force_float32_reductions: accepted for Flax compatibility; ignored.
+      normalized_dtype: the casting order: None (default) computes the affine in float32 and rounds once, to
+        ``dtype``; a dtype rounds the normalized values to it before the affine, which then runs in the
+        promotion of it and ``param_dtype`` (HF Llama: the input dtype; see the numerics guide).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -419,6 +450,7 @@ class InstanceNorm(nn.Module):
     axis_index_groups: Any = None
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
+    normalized_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None):
@@ -436,5 +468,5 @@ class InstanceNorm(nn.Module):
         return common.apply_standardize(
             x, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes, epsilon=self.epsilon,
             mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype,
-            initializing=self.is_initializing(), layer="InstanceNorm",
+            initializing=self.is_initializing(), layer="InstanceNorm", normalized_dtype=self.normalized_dtype,
         )  # fmt: skip

@@ -98,6 +98,13 @@ class BatchNorm(nnx.Module):
         many examples (axis 0) with its own statistics; must divide the batch size.
       renorm_clipping: Batch Renormalization (Ioffe, 2017): ``(r_max, d_max)`` corrects the training output
         towards the running statistics.
+      renorm_warmup_steps: train as plain BatchNorm for this many updating steps before ``renorm_clipping``
+        applies (CrossQ: 100000). The layer then keeps its step counter in ``count`` (an int32
+        ``nnx.BatchStat``), created only in that case (``None`` otherwise), as the linen layer's
+        ``batch_stats/count``.
+      normalized_dtype: the casting order: None (default) computes the affine in float32 and rounds once, to
+        ``dtype``; a dtype rounds the normalized values to it before the affine, which then runs in the
+        promotion of it and ``param_dtype`` (HF Llama: the input dtype; see the numerics guide).
 
     Example:
       >>> import jax.numpy as jnp
@@ -142,11 +149,14 @@ class BatchNorm(nnx.Module):
         skip_nonfinite: bool = True,
         virtual_batch_size: int | None = None,
         renorm_clipping: tuple[float, float] | None = None,
+        renorm_warmup_steps: int = 0,
+        normalized_dtype: Dtype | None = None,
     ):
         common.check_num_features(num_features, "BatchNorm")
         feature_shape = (num_features,)
         self.mean = nnx.BatchStat(jnp.zeros(feature_shape, common.RUNNING_STATS_DTYPE))
         self.var = nnx.BatchStat(jnp.ones(feature_shape, common.RUNNING_STATS_DTYPE))
+        self.count = nnx.BatchStat(jnp.zeros((), jnp.int32)) if renorm_warmup_steps else None
         self.scale = _param(use_scale, scale_init, num_features, param_dtype, rngs, scale_metadata)
         self.bias = _param(use_bias, bias_init, num_features, param_dtype, rngs, bias_metadata)
         self.num_features = num_features
@@ -166,6 +176,8 @@ class BatchNorm(nnx.Module):
         self.skip_nonfinite = skip_nonfinite
         self.virtual_batch_size = virtual_batch_size
         self.renorm_clipping = renorm_clipping
+        self.renorm_warmup_steps = renorm_warmup_steps
+        self.normalized_dtype = normalized_dtype
 
     def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
         """Normalizes ``x`` with batch statistics (training) or running statistics (evaluation).
@@ -202,12 +214,15 @@ class BatchNorm(nnx.Module):
             axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, mask=mask, dtype=self.dtype,
             unbiased_running_var=self.unbiased_running_var, skip_nonfinite=self.skip_nonfinite,
             virtual_batch_size=self.virtual_batch_size, renorm_clipping=self.renorm_clipping,
-            stats_names=("mean", "var"), stats_fix=_STATS_FIX,
+            renorm_warmup_steps=self.renorm_warmup_steps, running_count=None if self.count is None else self.count[...],
+            normalized_dtype=self.normalized_dtype, stats_names=("mean", "var"), stats_fix=_STATS_FIX,
         )  # fmt: skip
         if new_state is not None:
             # Running statistics are not trained (as in Flax); `set_value` lets a real mean become complex.
             self.mean.set_value(jax.lax.stop_gradient(new_state.mean))
             self.var.set_value(jax.lax.stop_gradient(new_state.var))
+            if self.count is not None:
+                self.count.set_value(new_state.count)
         return y
 
     def set_view(self, use_running_average: bool | None = None):
@@ -248,6 +263,9 @@ class LayerNorm(nnx.Module):
       promote_dtype: Flax's hook applied to ``(x, scale, bias)`` with ``dtype=dtype`` before normalizing. The
         default casts nothing to a narrower dtype, so the output is rounded once and equals the linen layer's
         bit for bit; Flax's default (``flax.nnx.nn.dtypes.promote_dtype``) rounds ``x`` to ``dtype`` first.
+      normalized_dtype: the casting order: None (default) computes the affine in float32 and rounds once, to
+        ``dtype``; a dtype rounds the normalized values to it before the affine, which then runs in the
+        promotion of it and ``param_dtype`` (HF Llama: the input dtype; see the numerics guide).
       rngs: the random number generators (one ``params`` draw per created parameter, as in Flax).
       bias_metadata: metadata of the bias ``nnx.Param``.
       scale_metadata: metadata of the scale ``nnx.Param``.
@@ -284,6 +302,7 @@ class LayerNorm(nnx.Module):
         rngs: nnx.Rngs,
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
+        normalized_dtype: Dtype | None = None,
     ):
         common.check_num_features(num_features, "LayerNorm")
         self.scale = _param(use_scale, scale_init, num_features, param_dtype, rngs, scale_metadata)
@@ -300,6 +319,7 @@ class LayerNorm(nnx.Module):
         self.axis_index_groups = axis_index_groups
         self.use_fast_variance = use_fast_variance
         self.promote_dtype = promote_dtype
+        self.normalized_dtype = normalized_dtype
 
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None):
         """Normalizes each example of ``x`` over ``reduction_axes``.
@@ -316,7 +336,7 @@ class LayerNorm(nnx.Module):
         return common.apply_standardize(
             x, scale, bias, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
             epsilon=self.epsilon, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-            dtype=self.dtype, layer="LayerNorm",
+            dtype=self.dtype, layer="LayerNorm", normalized_dtype=self.normalized_dtype,
         )  # fmt: skip
 
 
@@ -345,6 +365,9 @@ class RMSNorm(nnx.Module):
       promote_dtype: Flax's hook applied to ``(x, scale)`` with ``dtype=dtype`` before normalizing. The default
         casts nothing to a narrower dtype, so the output is rounded once and equals the linen layer's bit for
         bit; Flax's default (``flax.nnx.nn.dtypes.promote_dtype``) rounds ``x`` to ``dtype`` first.
+      normalized_dtype: the casting order: None (default) computes the affine in float32 and rounds once, to
+        ``dtype``; a dtype rounds the normalized values to it before the affine, which then runs in the
+        promotion of it and ``param_dtype`` (HF Llama: the input dtype; see the numerics guide).
       rngs: the random number generators (one ``params`` draw for the scale, as in Flax).
       scale_metadata: metadata of the scale ``nnx.Param``.
 
@@ -377,6 +400,7 @@ class RMSNorm(nnx.Module):
         promote_dtype: PromoteDtypeFn = common.promote_exactly,
         rngs: nnx.Rngs,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
+        normalized_dtype: Dtype | None = None,
     ):
         common.check_num_features(num_features, "RMSNorm")
         self.scale = _param(use_scale, scale_init, num_features, param_dtype, rngs, scale_metadata)
@@ -391,6 +415,7 @@ class RMSNorm(nnx.Module):
         self.axis_index_groups = axis_index_groups
         self.use_fast_variance = use_fast_variance
         self.promote_dtype = promote_dtype
+        self.normalized_dtype = normalized_dtype
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None):
         """Rescales each example of ``x`` by its root mean square over ``reduction_axes``.
@@ -407,7 +432,7 @@ class RMSNorm(nnx.Module):
         return common.apply_standardize(
             x, scale, None, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
             epsilon=self.epsilon, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-            dtype=self.dtype, centered=False, layer="RMSNorm",
+            dtype=self.dtype, centered=False, layer="RMSNorm", normalized_dtype=self.normalized_dtype,
         )  # fmt: skip
 
 
@@ -438,6 +463,9 @@ class GroupNorm(nnx.Module):
       promote_dtype: Flax's hook applied to ``(x, scale, bias)`` with ``dtype=dtype`` before normalizing. The
         default casts nothing to a narrower dtype, so the output is rounded once and equals the linen layer's
         bit for bit; Flax's default (``flax.nnx.nn.dtypes.promote_dtype``) rounds ``x`` to ``dtype`` first.
+      normalized_dtype: the casting order: None (default) computes the affine in float32 and rounds once, to
+        ``dtype``; a dtype rounds the normalized values to it before the affine, which then runs in the
+        promotion of it and ``param_dtype`` (HF Llama: the input dtype; see the numerics guide).
       rngs: the random number generators (one ``params`` draw per created parameter, as in Flax).
       bias_metadata: metadata of the bias ``nnx.Param``.
       scale_metadata: metadata of the scale ``nnx.Param``.
@@ -475,6 +503,7 @@ class GroupNorm(nnx.Module):
         rngs: nnx.Rngs,
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
+        normalized_dtype: Dtype | None = None,
     ):
         common.check_num_features(num_features, "GroupNorm")
         self.feature_axis = -1
@@ -493,6 +522,7 @@ class GroupNorm(nnx.Module):
         self.axis_index_groups = axis_index_groups
         self.use_fast_variance = use_fast_variance
         self.promote_dtype = promote_dtype
+        self.normalized_dtype = normalized_dtype
 
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None):
         """Normalizes groups of channels of each example of ``x``.
@@ -509,7 +539,7 @@ class GroupNorm(nnx.Module):
         return common.apply_group_norm(
             x, scale, bias, num_groups=self.num_groups, group_size=None, reduction_axes=self.reduction_axes,
             epsilon=self.epsilon, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-            dtype=self.dtype,
+            dtype=self.dtype, normalized_dtype=self.normalized_dtype,
         )  # fmt: skip
 
 
@@ -539,6 +569,9 @@ class InstanceNorm(nnx.Module):
       promote_dtype: Flax's hook applied to ``(x, scale, bias)`` with ``dtype=dtype`` before normalizing. The
         default casts nothing to a narrower dtype, so the output is rounded once and equals the linen layer's
         bit for bit; Flax's default (``flax.nnx.nn.dtypes.promote_dtype``) rounds ``x`` to ``dtype`` first.
+      normalized_dtype: the casting order: None (default) computes the affine in float32 and rounds once, to
+        ``dtype``; a dtype rounds the normalized values to it before the affine, which then runs in the
+        promotion of it and ``param_dtype`` (HF Llama: the input dtype; see the numerics guide).
       rngs: the random number generators (one ``params`` draw per created parameter, as in Flax).
       bias_metadata: metadata of the bias ``nnx.Param``.
       scale_metadata: metadata of the scale ``nnx.Param``.
@@ -575,6 +608,7 @@ class InstanceNorm(nnx.Module):
         rngs: nnx.Rngs,
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
+        normalized_dtype: Dtype | None = None,
     ):
         common.check_num_features(num_features, "InstanceNorm")
         self.scale = _param(use_scale, scale_init, num_features, param_dtype, rngs, scale_metadata)
@@ -590,6 +624,7 @@ class InstanceNorm(nnx.Module):
         self.axis_index_groups = axis_index_groups
         self.use_fast_variance = use_fast_variance
         self.promote_dtype = promote_dtype
+        self.normalized_dtype = normalized_dtype
 
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None):
         """Normalizes each example and channel of ``x`` over its other axes.
@@ -607,5 +642,5 @@ class InstanceNorm(nnx.Module):
         return common.apply_standardize(
             x, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes, epsilon=self.epsilon,
             mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype,
-            layer="InstanceNorm",
+            layer="InstanceNorm", normalized_dtype=self.normalized_dtype,
         )  # fmt: skip

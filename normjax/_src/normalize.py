@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from normjax._src import axes as axes_lib
-from normjax._src.standardize import as_feature, standardized_output
+from normjax._src.standardize import as_feature, check_normalized_dtype, standardized_output
 
 
 def normalize(
@@ -19,6 +19,7 @@ def normalize(
     epsilon: float = 1e-5,
     feature_axes: axes_lib.Axes = -1,
     dtype=None,
+    normalized_dtype=None,
 ) -> jax.Array:
     r"""Standardizes ``x`` with given moments and applies an optional affine transform.
 
@@ -26,7 +27,8 @@ def normalize(
 
         y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} \cdot \gamma + \beta
 
-    The arithmetic runs in float32 or wider; the result is cast to ``dtype`` (default: ``x``'s dtype).
+    The arithmetic runs in float32 or wider; the result is cast to ``dtype`` (default: ``x``'s dtype, float32
+    for 8-bit float inputs).
 
     Args:
       x: the input.
@@ -36,7 +38,10 @@ def normalize(
       bias: optional :math:`\beta`, of the same shape as ``scale``.
       epsilon: a small positive number added to the variance.
       feature_axes: the axes of ``x`` that ``scale`` and ``bias`` run along.
-      dtype: the output dtype; defaults to ``x.dtype``.
+      dtype: the output dtype; defaults to ``x.dtype`` (float32 for an 8-bit float ``x``).
+      normalized_dtype: the casting order: None (default) computes the affine in float32 and rounds once;
+        a dtype rounds :math:`\hat x` to it before the affine, which then runs in the promotion of it and the
+        parameters' dtypes (HF Llama: the input dtype; see the numerics guide).
 
     Returns:
       The normalized array, of ``x``'s shape.
@@ -60,12 +65,16 @@ def normalize(
     axes_lib.check_moment_array(mean, "mean", x.shape)
     axes_lib.check_moment_array(var, "var", x.shape, real=True)
     axes_lib.check_float_dtype(dtype)
+    check_normalized_dtype(normalized_dtype, x.dtype)
     # -- end of argument checks --
     out_dtype = axes_lib.output_dtype(x, dtype)
     axes_lib.check_real_output(out_dtype, mean=mean, scale=scale, bias=bias)  # argument check (axes.py)
 
-    compute_dtype = axes_lib.stats_dtype(jnp.result_type(x, mean))
+    compute_dtype = axes_lib.stats_dtype(axes_lib.promote_types(x.dtype, jnp.result_type(mean)))
     inv_std = jax.lax.rsqrt(jnp.asarray(var, jnp.finfo(compute_dtype).dtype) + epsilon)
     gamma = None if scale is None else as_feature(scale, ndim, feature_axes)
     beta = None if bias is None else as_feature(bias, ndim, feature_axes)
-    return standardized_output(x.astype(compute_dtype), mean, inv_std, gamma, beta).astype(out_dtype)
+    if normalized_dtype is not None:
+        normalized_dtype = jax.dtypes.canonicalize_dtype(normalized_dtype)
+    y = standardized_output(x.astype(compute_dtype), mean, inv_std, gamma, beta, None, normalized_dtype)
+    return y.astype(out_dtype)

@@ -69,6 +69,7 @@ class _Spec(NamedTuple):
     axis_index_groups: object
     out_dtype: object
     layout: str
+    normalized_dtype: object = None
 
 
 def as_feature(param: jax.Array, ndim: int, feature_axes: tuple[int, ...]) -> jax.Array:
@@ -92,17 +93,21 @@ def standardize(
     axis_name: axes_lib.AxisName = None,
     axis_index_groups=None,
     dtype=None,
+    normalized_dtype=None,
     renorm: Renorm | None = None,
 ) -> tuple[jax.Array, Moments]:
     """``(y, moments)``: ``x`` standardized over ``reduction_axes`` with the affine along ``feature_axes``.
 
     Validates its arguments like the public functions (which call it); ``moments`` are keepdims. With
     ``renorm``, Batch Renormalization's ``r`` and ``d`` (constants in the derivative) fold into the affine.
+    ``dtype`` is the output dtype (:func:`normjax._src.axes.output_dtype` by default) and ``normalized_dtype``
+    the casting order (:func:`standardized_output`).
     """
     axes_lib.check_inexact(x)
     axes_lib.check_epsilon(epsilon, x.dtype)
     axes_lib.check_static_bool(centered, "centered")
     axes_lib.check_float_dtype(dtype)
+    check_normalized_dtype(normalized_dtype, x.dtype)
     ndim = jnp.ndim(x)
     reduction_axes = axes_lib.canonicalize_axes(reduction_axes, ndim, "reduction_axes")
     feature_axes = axes_lib.canonicalize_axes(feature_axes, ndim, "feature_axes")
@@ -115,7 +120,9 @@ def standardize(
     names = axis_name if axis_name is None or isinstance(axis_name, str) else tuple(axis_name)
     out_dtype = axes_lib.output_dtype(x, dtype)
     axes_lib.check_real_output(out_dtype, scale=scale, bias=bias)
-    spec = _Spec(reduction_axes, feature_axes, bool(centered), names, groups, out_dtype, "generic")
+    if normalized_dtype is not None:
+        normalized_dtype = jax.dtypes.canonicalize_dtype(normalized_dtype)
+    spec = _Spec(reduction_axes, feature_axes, bool(centered), names, groups, out_dtype, "generic", normalized_dtype)
     if mask is not None:
         mask = jnp.broadcast_to(mask, x.shape)
     epsilon = jnp.asarray(epsilon, jnp.finfo(axes_lib.stats_dtype(x.dtype)).dtype)
@@ -204,16 +211,52 @@ def _output_deviation(x, mean, mask=None):
     return _select(None if mask is None else mask | jnp.isfinite(x), x - mean)
 
 
-def standardized_output(x, mean, inv_std, gamma=None, beta=None, mask=None):
-    """The one definition of a norm's output: ``(x - mean) * inv_std * gamma + beta``.
+def check_normalized_dtype(normalized_dtype, x_dtype) -> None:
+    """Raises unless ``normalized_dtype`` is None or a float dtype (complex for a complex ``x``)."""
+    if normalized_dtype is None:
+        return
+    fix = (
+        "Pass the dtype to round the normalized values to before the affine, e.g. `normalized_dtype=x.dtype` "
+        "(HF Llama's order), or None to compute the affine in float32 and round once."
+    )
+    try:
+        dtype = jnp.dtype(normalized_dtype)
+    except TypeError:
+        raise TypeError(f"`normalized_dtype` must be a dtype, got {normalized_dtype!r}. {fix}") from None
+    wanted = jnp.complexfloating if jnp.issubdtype(x_dtype, jnp.complexfloating) else jnp.floating
+    if not jnp.issubdtype(dtype, wanted):
+        kind = "complex" if wanted is jnp.complexfloating else "real floating-point"
+        raise TypeError(
+            f"`normalized_dtype` must be a {kind} dtype for an input of dtype {x_dtype}, got {dtype}. {fix}"
+        )
+
+
+def standardized_output(x, mean, inv_std, gamma=None, beta=None, mask=None, normalized_dtype=None):
+    r"""The one definition of a norm's output, ``(x - mean) * inv_std * gamma + beta``, and its casting order.
+
+    ``normalized_dtype=None``: the affine runs in the statistics dtype as ``(x - mean) * (inv_std * gamma) +
+    beta`` (Flax's order; one full-size product for BatchNorm) and the caller rounds once, to the output dtype.
+    ``normalized_dtype=D``: :math:`\hat x = (x - \mu)\,s` is formed first and rounded to ``D``, then
+    multiplied by ``gamma`` and shifted by ``beta`` in the promotion of ``D`` and their dtypes: HF Llama's
+    ``weight * x_hat.to(input_dtype)`` with ``D`` the input dtype, T5's with ``D`` the weight's (half) dtype,
+    and PyTorch's ``rms_norm`` / Transformer Engine / HF Gemma's ``x_hat * weight`` in float32 with ``D =
+    float32``.
 
     Masked-out positions are standardized like the others (with the valid elements' statistics, as Flax does),
     except that a non-finite one outputs ``beta``: padding may hold anything without reaching any result or
     derivative.
     """
-    multiplier = inv_std if gamma is None else inv_std * gamma
-    y = _output_deviation(x, mean, mask) * multiplier
-    return y if beta is None else y + beta
+    deviation = _output_deviation(x, mean, mask)
+    if normalized_dtype is None:
+        multiplier = inv_std if gamma is None else inv_std * gamma
+        y = deviation * multiplier
+        return y if beta is None else y + beta
+    params = tuple(p for p in (gamma, beta) if p is not None)
+    affine_dtype = axes_lib.promote_types(normalized_dtype, *(p.dtype for p in params))
+    y = (deviation * inv_std).astype(normalized_dtype).astype(affine_dtype)
+    if gamma is not None:
+        y = y * gamma.astype(affine_dtype)
+    return y if beta is None else y + beta.astype(affine_dtype)
 
 
 def _nan_if_overflowed(t):
@@ -250,7 +293,7 @@ def _forward(spec: _Spec, x, scale, bias, mask, epsilon, renorm):
     # Flax's does, and the derivative corrects by lo, so its components along the reduced axes still cancel.
     hi = own.shift + own.offset
     lo = (own.shift - hi) + own.offset
-    y = standardized_output(xf, hi, inv_std, gamma, beta, mask)
+    y = standardized_output(xf, hi, inv_std, gamma, beta, mask, spec.normalized_dtype)
     return y.astype(spec.out_dtype), moments.mean, moments.var, moments.count, (xf, hi, lo, inv_std, gamma, r, d)
 
 

@@ -19,10 +19,16 @@ class BatchNormState(NamedTuple):
     Attributes:
       mean: the running mean, one value per feature; float32 by default.
       var: the running variance, one value per feature; float32 by default.
+      count: the number of training steps that updated the state, an int32 scalar (Optax's ``count``,
+        PyTorch's ``num_batches_tracked``): a step whose batch left every feature's statistics unchanged (empty,
+        all masked, or not finite) does not count. :func:`init_batch_norm_state` starts it at 0; ``None``
+        (the default of the constructor) leaves the steps uncounted. Batch Renormalization's warm-up
+        (``renorm_warmup_steps``) reads it, and a schedule of ``renorm_clipping`` may be computed from it.
     """
 
     mean: jax.Array
     var: jax.Array
+    count: jax.Array | None = None
 
 
 def init_batch_norm_state(features: int | Sequence[int], dtype=jnp.float32) -> BatchNormState:
@@ -34,12 +40,15 @@ def init_batch_norm_state(features: int | Sequence[int], dtype=jnp.float32) -> B
         (for complex inputs) gives a complex ``mean`` and a real ``var`` of the same precision.
 
     Returns:
-      A :class:`BatchNormState`.
+      A :class:`BatchNormState` whose step ``count`` is 0 (int32).
 
     Example:
       >>> import normjax
-      >>> normjax.init_batch_norm_state(3)
-      BatchNormState(mean=Array([0., 0., 0.], dtype=float32), var=Array([1., 1., 1.], dtype=float32))
+      >>> state = normjax.init_batch_norm_state(3)
+      >>> state.mean, state.var
+      (Array([0., 0., 0.], dtype=float32), Array([1., 1., 1.], dtype=float32))
+      >>> state.count
+      Array(0, dtype=int32)
     """
     shape = axes_lib.check_features(features)  # a NumPy integer (e.g. from np.prod) is a size too
     axes_lib.check_float_dtype(dtype, "dtype", "the dtype of the running statistics")
@@ -51,7 +60,8 @@ def init_batch_norm_state(features: int | Sequence[int], dtype=jnp.float32) -> B
         )
     dtype = jax.dtypes.canonicalize_dtype(dtype)
     var_dtype = jnp.finfo(dtype).dtype if jnp.issubdtype(dtype, jnp.complexfloating) else dtype  # var is real
-    return BatchNormState(mean=jnp.zeros(shape, dtype), var=jnp.ones(shape, var_dtype))
+    count = jnp.zeros((), jnp.int32)
+    return BatchNormState(mean=jnp.zeros(shape, dtype), var=jnp.ones(shape, var_dtype), count=count)
 
 
 def ema_update(
@@ -68,6 +78,7 @@ def ema_update(
     The update is computed in the state's dtype so the running statistics never drift to a lower precision.
     Static hyperparameters are validated before tracing; a traced ``momentum`` outside [0, 1] (or NaN) or a
     traced ``epsilon`` that is not positive and finite keeps the whole state, as a non-finite batch does.
+    The step ``count`` (if the state has one) grows by one when any feature was updated.
     """
     keep = keep | invalid_hyperparameters(momentum, epsilon)
 
@@ -75,7 +86,11 @@ def ema_update(
         blended = (momentum * old + (1.0 - momentum) * new.astype(old.dtype)).astype(old.dtype)
         return jnp.where(keep, _sharded_like(old, blended), blended)
 
-    return BatchNormState(mean=update(state.mean, mean), var=update(state.var, var))
+    count = state.count
+    if count is not None:
+        count = jnp.asarray(count)
+        count = count + jnp.any(~keep).astype(count.dtype)
+    return BatchNormState(mean=update(state.mean, mean), var=update(state.var, var), count=count)
 
 
 def _sharded_like(a: jax.Array, like: jax.Array) -> jax.Array:

@@ -50,7 +50,8 @@ def precise_batch_stats(
     stores :math:`(1 - m)\,\mu_i` and :math:`(1 - m)\,\sigma_i^2` (up to :math:`m t`, far below float32
     resolution), which are divided by :math:`1 - m` (read from the layers while tracing ``apply_fn`` once).
     Layers whose training output depends on their running statistics (Batch Renormalization) should be
-    recomputed with that option off.
+    recomputed with that option off. A step counter (``batch_stats/count``, kept by Batch Renormalization's
+    warm-up) is not a statistic: it is returned as it was.
 
     Skipped batches contribute nothing: a feature whose layer kept its running statistics for a batch (an
     empty or all-masked batch, or non-finite batch statistics with normjax's ``skip_nonfinite``) still holds
@@ -71,8 +72,8 @@ def precise_batch_stats(
 
     Returns:
       The recomputed ``batch_stats`` tree, same structure and dtypes as ``variables["batch_stats"]``; with
-      ``return_counts``, the pair ``(batch_stats, counts)`` where ``counts`` has the same structure and holds
-      the number of batches (int32, per feature) that entered each statistic.
+      ``return_counts``, the pair ``(batch_stats, counts)`` where ``counts`` has the same structure (without
+      step counters) and holds the number of batches (int32, per feature) that entered each statistic.
 
     Example:
       >>> import flax.linen as nn, jax.numpy as jnp
@@ -124,28 +125,50 @@ def precise_batch_stats(
             "list of arrays or `itertools.islice(loader, 200)`."
         ) from None
     batch_size = _leading_size if batch_size is None else batch_size
-    template = variables["batch_stats"]
+    stored_template = variables["batch_stats"]
+    template = _without_counters(stored_template)
     markers = jax.tree_util.tree_map_with_path(_marker, template)
-    marked = {**variables, "batch_stats": markers}
+    marked = {**variables, "batch_stats": _with_counters(markers, stored_template)}
     total = None
     for batch in batches:
         if total is None:
             retention = _retention_tree(apply_fn, marked, batch)
             total = _empty(template)
         stored = apply_fn(marked, batch)
-        if jax.tree.structure(stored) != jax.tree.structure(template):
+        if jax.tree.structure(stored) != jax.tree.structure(stored_template):
             raise ValueError(
                 "`apply_fn` must return the updated 'batch_stats' collection, of the structure of "
-                f"`variables['batch_stats']` ({jax.tree.structure(template)}), got {jax.tree.structure(stored)}. "
+                f"`variables['batch_stats']` ({jax.tree.structure(stored_template)}), got "
+                f"{jax.tree.structure(stored)}. "
                 'Return `model.apply(v, b, train=True, mutable=["batch_stats"])[1]["batch_stats"]`.'
             )
+        stored = _without_counters(stored)
         stats = _batch_statistics(stored, retention)
         weight = _weight(batch_size(batch))
         total = _merge(total, _single(weight, _used(stored, markers, stats), stats))
     if total is None:
         raise ValueError("`batches` is empty: precise statistics need at least one batch.")
     result, counts = _finish(total, template, variance)
+    result = _with_counters(result, stored_template)
     return (result, counts) if return_counts else result
+
+
+def _has_counters(tree) -> bool:
+    return any(_paths.leaf_path(path)[-1:] == ("count",) for path, _ in jax.tree_util.tree_leaves_with_path(tree))
+
+
+def _without_counters(tree):
+    """``tree`` without its step counters (``count`` leaves, kept by Batch Renormalization's warm-up)."""
+    if not isinstance(tree, Mapping) or not _has_counters(tree):
+        return tree
+    return {k: _without_counters(v) for k, v in tree.items() if k != "count" or isinstance(v, Mapping)}
+
+
+def _with_counters(tree, template):
+    """``tree`` with the step counters of ``template`` put back where :func:`_without_counters` took them."""
+    if not isinstance(template, Mapping) or not _has_counters(template):
+        return tree
+    return {k: _with_counters(tree[k], v) if k in tree else v for k, v in template.items()}
 
 
 def _marker(key_path, leaf):
@@ -244,7 +267,7 @@ def _retention_tree(apply_fn, variables, batch):
             )
         return jnp.asarray(1.0 - momentum, jnp.result_type(leaf))
 
-    return jax.tree_util.tree_map_with_path(retention, variables["batch_stats"])
+    return jax.tree_util.tree_map_with_path(retention, _without_counters(variables["batch_stats"]))
 
 
 def _batch_statistics(stored, retention):

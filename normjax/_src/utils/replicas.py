@@ -16,7 +16,9 @@ def sync_batch_stats(batch_stats: Any, axis_name: axes_lib.AxisName) -> Any:
     Without synchronized BatchNorm each replica's running statistics follow its own data and diverge; before
     evaluating or checkpointing, replace them by their average so every replica holds the same values (the
     ``cross_replica_mean`` step of Flax's ImageNet example). The running variances are averaged too: each is
-    an estimate of the same population variance, so their mean is the natural combined estimate.
+    an estimate of the same population variance, so their mean is the natural combined estimate. Integer
+    leaves (the step ``count`` of Batch Renormalization's warm-up) take their largest value instead, so they
+    stay integers.
 
     Args:
       batch_stats: a tree of running statistics (e.g. ``variables["batch_stats"]``), per device.
@@ -40,7 +42,13 @@ def sync_batch_stats(batch_stats: Any, axis_name: axes_lib.AxisName) -> Any:
             "Outside pmap, average replicated state with `average_replicas` instead."
         )
     axes_lib.check_axis_name(axis_name, None)
-    return jax.lax.pmean(batch_stats, axis_name)
+
+    def synchronized(leaf):
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.integer):
+            return jax.lax.pmax(leaf, axis_name)
+        return jax.lax.pmean(leaf, axis_name)
+
+    return jax.tree.map(synchronized, batch_stats)
 
 
 def average_replicas(replicated: Any) -> Any:
@@ -48,6 +56,7 @@ def average_replicas(replicated: Any) -> Any:
 
     The outside-``pmap`` counterpart of :func:`sync_batch_stats`, for state replicated along a leading
     device axis (``flax.jax_utils.replicate`` style), e.g. ``state.replace(batch_stats=average_replicas(...))``.
+    Integer leaves (step counters) take their largest value instead.
 
     Args:
       replicated: a tree whose leaves have the device axis first.
@@ -68,6 +77,8 @@ def average_replicas(replicated: Any) -> Any:
                 "`average_replicas` needs a leading device axis on every leaf, got a scalar. Pass the replicated "
                 "tree (leaves of shape (devices, ...)), or use `sync_batch_stats` inside pmap."
             )
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.integer):
+            return jnp.broadcast_to(jnp.max(leaf, axis=0, keepdims=True), jnp.shape(leaf))
         return jnp.broadcast_to(jnp.mean(leaf, axis=0, keepdims=True), jnp.shape(leaf)).astype(leaf.dtype)
 
     return jax.tree.map(average, replicated)

@@ -17,12 +17,13 @@ _IGNORED = ("num_batches_tracked",)
 
 
 def norm_variables_from_torch(
-    state_dict: Mapping[str, Any], prefix: str = "", *, dtype: Any = jnp.float32
+    state_dict: Mapping[str, Any], prefix: str = "", *, dtype: Any = jnp.float32, count: bool = False
 ) -> dict[str, dict[str, Any]]:
     """The Flax variables of a PyTorch BatchNorm, LayerNorm or GroupNorm, from its ``state_dict`` entries.
 
     ``weight`` -> ``params/scale``, ``bias`` -> ``params/bias``, ``running_mean`` -> ``batch_stats/mean`` and
-    ``running_var`` -> ``batch_stats/var`` (``num_batches_tracked`` is dropped). The values are per-feature
+    ``running_var`` -> ``batch_stats/var``, and with ``count=True`` ``num_batches_tracked`` -> ``batch_stats/count``
+    (int32; dropped by default, since Flax's BatchNorm has no such variable). The values are per-feature
     vectors, so no transposition is needed when the activations go from NCHW to NHWC: only the feature axis of
     the layer changes (``axis=-1`` in Flax for ``dim=1`` in PyTorch). The result matches
     ``normjax.linen``/``flax.linen`` ``BatchNorm``, ``LayerNorm`` (one normalized dimension) and ``GroupNorm``.
@@ -42,7 +43,10 @@ def norm_variables_from_torch(
       state_dict: a mapping of names to ``torch.Tensor`` or array values, e.g. ``module.state_dict()`` of the
         whole network; only the keys under ``prefix`` are read.
       prefix: the layer's name in ``state_dict``, e.g. ``"layer1.0.bn1"`` (a trailing dot is optional).
-      dtype: the dtype of the returned arrays.
+      dtype: the dtype of the returned arrays (the step count stays int32).
+      count: also return PyTorch's ``num_batches_tracked`` as ``batch_stats/count``, the step counter of a
+        normjax BatchNorm with ``renorm_warmup_steps`` (PyTorch counts every training call; normjax counts the
+        calls that updated the statistics, the same unless a batch was skipped).
 
     Returns:
       ``{"params": {...}}`` plus ``"batch_stats"`` for a BatchNorm, holding ``jax.Array`` values.
@@ -72,6 +76,7 @@ def norm_variables_from_torch(
             "`prefix='layer1.0.bn1'`, or `prefix=''` for the layer's own state_dict."
         )
     axes_lib.check_float_dtype(dtype, "dtype", "the dtype of the returned variables")
+    axes_lib.check_static_bool(count, "count")
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(
             f"`dtype` must be a real floating-point dtype, got {jnp.dtype(dtype)}: PyTorch's norm parameters and "
@@ -102,6 +107,14 @@ def norm_variables_from_torch(
     for torch_name, (collection, flax_name) in names.items():
         if torch_name in arrays:
             variables.setdefault(collection, {})[flax_name] = jnp.asarray(arrays[torch_name], dtype)
+    if count:
+        if "num_batches_tracked" not in entries or "batch_stats" not in variables:
+            raise ValueError(
+                f"`count=True` reads a BatchNorm's `num_batches_tracked` under prefix {prefix!r}, got "
+                f"{sorted(entries)}. Pass `count=False` for a layer without running statistics."
+            )
+        tracked = _to_numpy(entries["num_batches_tracked"])
+        variables["batch_stats"]["count"] = jnp.asarray(tracked.astype(np.int64).reshape(()), jnp.int32)
     return variables
 
 
