@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from normjax._src import flax_conventions
+from normjax._src.optional_dependencies import import_optional
 from normjax._src.utils import _paths
 
 _BATCH_NORM = ("BatchNorm",)
@@ -54,7 +55,7 @@ def freeze_batch_norm(
     ``RuntimeError`` saying so, rather than silently updating its statistics; Flax's own ``nnx.BatchNorm``
     cannot be detected and is not frozen.
     """
-    import flax.linen as nn
+    nn = import_optional("flax.linen", needed_by="normjax.freeze_batch_norm")
 
     _paths.check_where(where)
     _paths.check_kinds(kinds)
@@ -118,7 +119,7 @@ def freeze_batch_norm_nnx(
       >>> model.layers[1].use_running_average
       True
     """
-    from flax import nnx
+    nnx = import_optional("flax.nnx", needed_by="normjax.freeze_batch_norm_nnx")
 
     if not isinstance(model, nnx.Module):
         raise TypeError(

@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from normjax._src.optional_dependencies import import_optional
 from normjax._src.utils import _paths
 
 DEFAULT_NORM_MODULE_PATTERN = r"(?i)(?:(?:batch|layer|group|instance|rms)_?)?norm(?:_?\d+)?|(?:bn|ln|gn)(?:_?\d+)?"
@@ -46,7 +47,7 @@ def find_norm_modules(
       >>> normjax.find_norm_modules(model, jnp.ones((1, 3)))
       [('layers_1',)]
     """
-    from flax import nnx
+    nnx = import_optional("flax.nnx", needed_by="normjax.find_norm_modules")
 
     _paths.check_kinds(kinds)
     select = functools.partial(_paths.is_kind, kinds=kinds)

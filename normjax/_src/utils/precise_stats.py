@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from normjax._src.optional_dependencies import import_optional
 from normjax._src.utils import _paths
 
 
@@ -212,7 +213,7 @@ def _leading_size(batch) -> int:
 
 def _retention_tree(apply_fn, variables, batch):
     """``1 - momentum`` of each layer, as a tree of the structure of ``batch_stats`` (mean and var leaves)."""
-    import flax.linen as nn
+    nn = import_optional("flax.linen", needed_by="normjax.precise_batch_stats")
 
     momenta = {}
 
