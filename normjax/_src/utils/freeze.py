@@ -80,7 +80,9 @@ def freeze_batch_norm(
         yield
 
 
-def _without_call_argument(method, args, kwargs, name):
+def _without_call_argument(
+    method: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], name: str
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """`args` and `kwargs` of a call to `method` (without `self`) with argument `name` left at its default."""
     bound = inspect.signature(method).bind(None, *args, **kwargs)
     bound.arguments.pop(name, None)
@@ -136,7 +138,7 @@ def freeze_batch_norm_nnx(
     return frozen
 
 
-def _nnx_submodule(model, path):
+def _nnx_submodule(model: Any, path: _paths.Path) -> Any:
     for name in path:
         model = model[int(name)] if name.isdigit() and not hasattr(model, name) else getattr(model, name)
     return model

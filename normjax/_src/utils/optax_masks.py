@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import jax
@@ -56,7 +56,9 @@ def find_norm_modules(
     return sorted(set(_linen_module_paths(model, select, args, kwargs)))
 
 
-def _linen_module_paths(model, select, args, kwargs) -> list[tuple[str, ...]]:
+def _linen_module_paths(
+    model: Any, select: Callable[[Any], bool], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> list[tuple[str, ...]]:
     import flax.linen as nn
 
     if not isinstance(model, nn.Module):
@@ -169,7 +171,7 @@ def weight_decay_mask(
     return jax.tree_util.tree_map_with_path(decay, norm)
 
 
-def _module_selector(modules, pattern):
+def _module_selector(modules: Any, pattern: Any) -> Callable[[_paths.Path], bool]:
     if modules is not None:
         if isinstance(modules, str):
             raise TypeError(
