@@ -1,8 +1,8 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   - creates .venv, installs normjax with the examples' extras only, runs the flagship example
 #                 in quick mode
-#   make test   - creates .venv, installs normjax with every extra (tests, examples, docs, equinox, aot), runs the whole
-#                 test suite
+#   make test   - creates .venv, installs normjax with every extra (flax, equinox, test, examples, docs, dev,
+#                 aot), runs the whole test suite (`pytest -m 'not slow'` is the fast inner loop)
 #   make accelerators - what each norm costs on a GPU (H100) and a TPU (v5e), from their compilers (no device)
 PYTHON ?= python3
 VENV := .venv
@@ -17,7 +17,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e ".[test,equinox,examples,docs,dev,aot]"
+	$(BIN)/python -m pip install --quiet -e ".[flax,equinox,test,examples,docs,dev,aot]"
 	touch $(STAMP)
 
 # The demo needs the library and the examples' extras only: no PyTorch, no test or docs tools.

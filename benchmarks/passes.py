@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-import _timing
-import jax
-import jax.numpy as jnp
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script: import `benchmarks` from the root
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from benchmarks import _timing  # noqa: E402
 
 # (name, shape, reduction axes): BatchNorm reduces all but the channels, InstanceNorm the spatial axes.
 CASES = (

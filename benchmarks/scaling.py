@@ -20,15 +20,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-import _timing
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import numpy as np
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script: import `benchmarks` from the root
 
-import normjax
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import normjax  # noqa: E402
+from benchmarks import _timing  # noqa: E402
 
 FEATURES = {"batch_norm": 256, "layer_norm": 1024}
 

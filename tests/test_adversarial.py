@@ -597,20 +597,6 @@ def test_zero_size_inputs_give_empty_outputs_and_finite_gradients(norm):
     assert grad.shape == empty.shape
 
 
-def test_empty_batch_keeps_state_under_vmap_and_grad():
-    state = nj.BatchNormState(jnp.arange(6.0), jnp.full(6, 2.0))
-
-    def loss(x):
-        y, new = bn_train(x, state=state)
-        return jnp.sum(y), new
-
-    (_, new), grad = jax.value_and_grad(loss, has_aux=True)(jnp.zeros((0, 6)))
-    assert_same_state(new, state)
-    assert grad.shape == (0, 6)
-    stacked = jax.vmap(lambda x: bn_train(x, state=state)[1])(jnp.zeros((3, 0, 6)))
-    assert_same_state(jax.tree.map(lambda a: a[2], stacked), state)
-
-
 # ---------------------------------------------------------------- transformations raise the same errors
 
 

@@ -4,27 +4,15 @@ Timings are never asserted here (the machines are noisy); only the structure of 
 column, which is deterministic.
 """
 
-import importlib
-import sys
-from pathlib import Path
-
 import jax
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from benchmarks import _peers, _timing
+
+pytestmark = pytest.mark.slow  # compiles and times every peer library's implementation
 
 
-@pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("run"), importlib.import_module("_timing")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-
-
-def test_interleaved_takes_warm_samples_of_every_callable(bench):
-    _, timing = bench
+def test_interleaved_takes_warm_samples_of_every_callable():
     calls = {"a": 0, "b": 0}
 
     def counter(name):
@@ -33,19 +21,18 @@ def test_interleaved_takes_warm_samples_of_every_callable(bench):
 
         return call
 
-    medians = timing.interleaved({name: counter(name) for name in calls}, rounds=3, calls_per_sample=2)
+    medians = _timing.interleaved({name: counter(name) for name in calls}, rounds=3, calls_per_sample=2)
     assert calls == {"a": 9, "b": 9}  # per round: one untimed call, then two timed ones
     assert set(medians) == {"a", "b"} and all(m >= 0 for m in medians.values())
 
 
-def test_run_case_reports_every_implementation_with_ratios_and_accuracy(bench):
-    run, _ = bench
+def test_run_case_reports_every_implementation_with_ratios_and_accuracy():
     with jax.numpy_rank_promotion("allow"):  # peers' code (Flax, Haiku, plain jnp) broadcasts implicitly
-        rows, bandwidth = run.run_case("batch_norm", "NHWC", (2, 4, 4, 8), rounds=1)
+        rows, bandwidth = _peers.run_case("batch_norm", "NHWC", (2, 4, 4, 8), rounds=1)
     impls = {row["impl"] for row in rows}
-    assert {"normjax", run.BASELINE, run.CONTROL, "flax.linen (two-pass)", "pytorch"} <= impls
+    assert {"normjax", _peers.BASELINE, _peers.CONTROL, "flax.linen (two-pass)", "pytorch"} <= impls
     assert all({row["mode"] for row in rows if row["impl"] == impl} == {"fwd", "fwd+bwd"} for impl in impls)
-    assert all(row["ratio"] == 1.0 for row in rows if row["impl"] == run.BASELINE)
+    assert all(row["ratio"] == 1.0 for row in rows if row["impl"] == _peers.BASELINE)
     assert bandwidth > 0 and all(row["seconds"] > 0 for row in rows)
 
     errors = {row["impl"]: row["max_error_at_offsets"] for row in rows if "max_error_at_offsets" in row}
@@ -53,4 +40,4 @@ def test_run_case_reports_every_implementation_with_ratios_and_accuracy(bench):
     # loses the variance.
     assert errors["normjax"][2] < 1e-2
     assert errors["flax.linen (two-pass)"][2] < 1e-2
-    assert errors[run.BASELINE][2] > 100 * errors["normjax"][2]
+    assert errors[_peers.BASELINE][2] > 100 * errors["normjax"][2]

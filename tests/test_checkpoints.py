@@ -1,10 +1,12 @@
-"""Checkpoints: normjax layers round-trip through flax.serialization and orbax, and load Flax's checkpoints.
+"""Checkpoints: BatchNormState and normjax layers round-trip through flax.serialization and orbax, bit for bit,
+and load Flax's checkpoints.
 
 The same small network is built from ``flax.linen`` / ``flax.nnx`` norm layers and from normjax's; a Flax
 checkpoint (after training steps, so the running statistics are non-trivial) loads into the normjax network
 and gives the same outputs, and the other way round.
 """
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,8 +15,65 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx, serialization
 
+import normjax as nj
 from normjax import linen as njn
 from normjax import nnx as njx
+
+C = 4
+# A state that is not the initial one, so a restored zero template cannot pass by accident.
+STATE = nj.BatchNormState(mean=jnp.array([0.5, -1.25, 3.0, 1e-3]), var=jnp.array([2.0, 0.75, 1e-4, 9.0]))
+
+
+def bits(a) -> np.ndarray:
+    """The raw bit patterns, so equality is bit-exact (distinguishes -0.0 from 0.0 and compares NaN payloads)."""
+    a = np.asarray(a)
+    return a.view(np.dtype(f"u{a.dtype.itemsize}"))
+
+
+def assert_bit_exact(state, expected):
+    for got, want in zip(state, expected, strict=True):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(bits(got), bits(want))
+
+
+# ------------------------------------------------------------------------------------------ the running state
+
+ROUND_TRIP_STATES = {
+    "float32": STATE,
+    "complex64": nj.BatchNormState(jnp.array([1 + 2j, -3j]), jnp.array([0.5, 7.0])),
+    "nonfinite-free-denormal": nj.BatchNormState(jnp.array([1e-45, -0.0]), jnp.array([np.finfo(np.float32).max, 1.0])),
+}
+
+
+@pytest.mark.parametrize("state", ROUND_TRIP_STATES.values(), ids=ROUND_TRIP_STATES.keys())
+def test_flax_serialization_round_trip_is_exact(state):
+    variables = {"params": {"scale": jnp.ones(2), "bias": jnp.zeros(2)}, "batch_stats": state._asdict()}
+    for tree in (state, variables):
+        template = jax.tree.map(jnp.zeros_like, tree)
+        restored = serialization.from_bytes(template, serialization.to_bytes(tree))
+        assert jax.tree.structure(restored) == jax.tree.structure(tree)
+        for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(tree), strict=True):
+            assert got.dtype == want.dtype
+            np.testing.assert_array_equal(bits(got), bits(want))
+    restored = serialization.from_state_dict(template, serialization.to_state_dict(variables))
+    assert_bit_exact(nj.BatchNormState(**restored["batch_stats"]), state)
+
+
+def test_orbax_round_trip_is_exact(tmp_path):
+    variables = {"params": {"scale": jnp.full(C, 1.5)}, "batch_stats": STATE._asdict()}
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp_path / "state", STATE)
+        checkpointer.save(tmp_path / "variables", variables)
+        checkpointer.wait_until_finished()
+        state = checkpointer.restore(tmp_path / "state", jax.tree.map(jnp.zeros_like, STATE))
+        restored = checkpointer.restore(tmp_path / "variables", jax.tree.map(jnp.zeros_like, variables))
+    assert isinstance(state, nj.BatchNormState)
+    assert_bit_exact(state, STATE)
+    assert_bit_exact(nj.BatchNormState(**restored["batch_stats"]), STATE)
+    np.testing.assert_array_equal(bits(restored["params"]["scale"]), bits(variables["params"]["scale"]))
+
+
+# ------------------------------------------------------------------------------------------ the layers
 
 
 def _input(shape=(8, 4, 6), seed=0):
@@ -22,10 +81,7 @@ def _input(shape=(8, 4, 6), seed=0):
 
 
 def _assert_trees_equal(got, want):
-    assert jax.tree.structure(got) == jax.tree.structure(want)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        assert (jnp.shape(g), jnp.result_type(g)) == (jnp.shape(w), jnp.result_type(w))
-        np.testing.assert_array_equal(g, w)
+    chex.assert_trees_all_equal(got, want, strict=True)  # same structure, shapes, dtypes and values
 
 
 def _flax_exact(layer_cls):

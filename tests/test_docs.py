@@ -65,6 +65,7 @@ def built_docs(tmp_path_factory) -> Path:
     return out / "html"
 
 
+@pytest.mark.slow  # a Sphinx build
 def test_docs_build_with_warnings_as_errors_and_document_every_public_symbol(built_docs):
     assert (built_docs / "index.html").is_file()
     documented = read_inventory(built_docs / "objects.inv")
@@ -96,6 +97,7 @@ PAGES = [ROOT / "README.md"] + sorted(p for p in DOCS.rglob("*.md") if "_build" 
 PAGES = [p for p in PAGES if code_blocks(p)]
 
 
+@pytest.mark.slow  # a fresh Python process per page
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
 def test_code_in_docs_runs_as_pasted_in_a_fresh_process(page):
     assert any(block.run for block in code_blocks(page)), f"{page} has python blocks but all are marked % notest"

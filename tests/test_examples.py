@@ -32,6 +32,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow  # each example trains a network, in a fresh process
 @pytest.mark.parametrize("script", sorted(CASES))
 def test_example_runs_quick_and_writes_outputs(script, tmp_path):
     pngs, modules = CASES[script]

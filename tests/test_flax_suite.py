@@ -26,6 +26,9 @@ NormalizationTest.test_instance_norm3 = pytest.mark.skip(
 )(NormalizationTest.test_instance_norm3)
 
 
+pytestmark = pytest.mark.slow  # Flax's whole normalization suite, run on normjax's layers
+
+
 @pytest.mark.parametrize("layer", NORM_LAYERS)
 def test_the_suite_runs_normjax_layers_and_flax_everything_else(layer):
     assert getattr(linen, layer) is getattr(normjax.linen, layer) is not getattr(flax.linen, layer)

@@ -229,30 +229,52 @@ def test_group_norm_errors_name_the_argument():
         njn.InstanceNorm(feature_axes=(0, 1)).init(KEY, x)
 
 
-def test_normjax_options_reach_the_core():
+# normjax's options beyond Flax's, each passed by the layer to the core.
+
+TRAIN = dict(use_running_average=False, mutable=["batch_stats"])
+
+
+def _batch_norm_variables(x):
+    return njn.BatchNorm().init(KEY, x, use_running_average=False)
+
+
+def test_unbiased_running_var_reaches_the_core():
     x = _input((8, 3), jnp.float32)
-    variables = njn.BatchNorm().init(KEY, x, use_running_average=False)
-    train = dict(use_running_average=False, mutable=["batch_stats"])
-    _, biased = njn.BatchNorm(momentum=0.0).apply(variables, x, **train)
-    _, unbiased = njn.BatchNorm(momentum=0.0, unbiased_running_var=True).apply(variables, x, **train)
+    variables = _batch_norm_variables(x)
+    _, biased = njn.BatchNorm(momentum=0.0).apply(variables, x, **TRAIN)
+    _, unbiased = njn.BatchNorm(momentum=0.0, unbiased_running_var=True).apply(variables, x, **TRAIN)
     np.testing.assert_allclose(unbiased["batch_stats"]["var"], biased["batch_stats"]["var"] * 8 / 7, rtol=1e-6)
 
-    y_ghost, _ = njn.BatchNorm(virtual_batch_size=4).apply(variables, x, **train)
+
+def test_virtual_batch_size_reaches_the_core():
+    x = _input((8, 3), jnp.float32)
+    y_ghost, _ = njn.BatchNorm(virtual_batch_size=4).apply(_batch_norm_variables(x), x, **TRAIN)
     halves = [reference.batch_norm_train(np.asarray(x[i : i + 4]))[0] for i in (0, 4)]
     np.testing.assert_allclose(y_ghost, np.concatenate(halves), rtol=1e-5, atol=1e-5)
 
+
+def test_a_float_mask_acts_as_the_boolean_mask():
+    x = _input((8, 3), jnp.float32)
+    variables = _batch_norm_variables(x)
     mask = jnp.arange(8)[:, None] < 5
-    y_bool, _ = njn.BatchNorm().apply(variables, x, mask=mask, **train)
-    y_float, _ = njn.BatchNorm().apply(variables, x, mask=mask.astype(jnp.float32), **train)
+    y_bool, _ = njn.BatchNorm().apply(variables, x, mask=mask, **TRAIN)
+    y_float, _ = njn.BatchNorm().apply(variables, x, mask=mask.astype(jnp.float32), **TRAIN)
     np.testing.assert_array_equal(y_float, y_bool)  # Flax accepts 0/1 masks of any dtype; so do the layers
 
+
+def test_skip_nonfinite_reaches_the_core():
+    x = _input((8, 3), jnp.float32)
     nan_batch = x.at[0, 1].set(jnp.nan)
-    _, kept = njn.BatchNorm().apply(variables, nan_batch, **train)
+    _, kept = njn.BatchNorm().apply(_batch_norm_variables(x), nan_batch, **TRAIN)
     np.testing.assert_array_equal(kept["batch_stats"]["var"][1], 1.0)  # skip_nonfinite keeps the old value
 
-    running = {"params": variables["params"], "batch_stats": {"mean": jnp.zeros(3), "var": jnp.full(3, 4.0)}}
-    y_renorm, _ = njn.BatchNorm(renorm_clipping=(1.0, 0.0)).apply(running, x, **train)
-    y_plain, _ = njn.BatchNorm().apply(running, x, **train)
+
+def test_renorm_clipping_reaches_the_core():
+    x = _input((8, 3), jnp.float32)
+    params = _batch_norm_variables(x)["params"]
+    running = {"params": params, "batch_stats": {"mean": jnp.zeros(3), "var": jnp.full(3, 4.0)}}
+    y_renorm, _ = njn.BatchNorm(renorm_clipping=(1.0, 0.0)).apply(running, x, **TRAIN)
+    y_plain, _ = njn.BatchNorm().apply(running, x, **TRAIN)
     np.testing.assert_allclose(y_renorm, y_plain, rtol=1e-6, atol=1e-6)  # r_max=1, d_max=0 is plain BatchNorm
 
 

@@ -39,6 +39,9 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+pytestmark = pytest.mark.slow  # two worker processes start JAX's distributed runtime
+
+
 class _PortTaken(Exception):
     """The coordinator could not bind its port: another process took it between _free_port() and the bind."""
 

@@ -4,11 +4,37 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference
 
 import normjax
-from tests import reference
 
 EPS = 1e-3
+F32 = reference.tolerance(np.float32)
+
+STATIC = ("training", "axis", "unbiased_running_var", "virtual_batch_size", "renorm_clipping")
+batch_norm = jax.jit(normjax.batch_norm, static_argnames=STATIC)
+
+
+def _feature_shape(shape, axis):
+    return tuple(shape[a] for a in reference._axes(axis, len(shape)))
+
+
+def _inputs(shape, axis, seed=0, mean=1.0, std=2.0):
+    """x, scale, bias and a running state (not the initial one) for a batch of `shape` with features on `axis`."""
+    rng = np.random.default_rng(seed)
+    features = _feature_shape(shape, axis)
+    x = rng.normal(mean, std, shape).astype(np.float32)
+    scale = rng.normal(1.0, 0.3, features).astype(np.float32)
+    bias = rng.normal(0.0, 0.5, features).astype(np.float32)
+    state = normjax.BatchNormState(
+        mean=jnp.asarray(rng.normal(0.0, 1.0, features), jnp.float32),
+        var=jnp.asarray(rng.uniform(0.5, 2.0, features), jnp.float32),
+    )
+    return x, scale, bias, state
+
+
+def _ema(old, batch, momentum):
+    return momentum * np.asarray(old, np.float64) + (1 - momentum) * batch
 
 
 def _renorm_reference(x, running_mean, running_var, gamma, beta, r_max, d_max, upstream):
@@ -107,6 +133,66 @@ def test_renorm_gradient_differs_from_finite_differences_through_r_and_d():
     assert abs(analytic - total_derivative) > 1e-2 * abs(total_derivative)
 
 
+# Batch Renormalization (Ioffe, 2017), on more layouts and with gradients.
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((16, 4), -1), ((4, 4, 3, 3), 1)])
+def test_renorm_matches_paper(shape, axis):
+    x, scale, bias, _ = _inputs(shape, axis, seed=11, mean=0.0, std=1.0)
+    features = _feature_shape(shape, axis)
+    # Per feature, running statistics that make r and d clip (first features) or not (last feature).
+    running_mean = np.array([3.0, -3.0, 0.5, 0.0][: features[0]], np.float32)
+    running_var = np.array([0.1, 20.0, 1.3, 1.0][: features[0]], np.float32)
+    state = normjax.BatchNormState(jnp.asarray(running_mean), jnp.asarray(running_var))
+    r_max, d_max = 1.5, 0.5
+    y, new_state = batch_norm(
+        jnp.asarray(x), state, scale, bias, training=True, momentum=0.9, axis=axis, renorm_clipping=(r_max, d_max)
+    )
+    want_y, r, d = reference.batch_renorm_train(
+        x, running_mean, running_var, scale, bias, r_max=r_max, d_max=d_max, axis=axis
+    )
+    assert np.any(np.isin(r, [r_max, 1 / r_max])) and np.any(np.abs(d) == d_max), "clipping is exercised"
+    assert np.any(np.abs(r - 1) < r_max - 1) and np.any(np.abs(d) < d_max), "and so is the unclipped range"
+    np.testing.assert_allclose(y, want_y, **F32)
+    # The running statistics are updated from the batch statistics, as without renormalization.
+    _, mean, var, _ = reference.batch_norm_train(x, axis=axis)
+    np.testing.assert_allclose(new_state.mean, _ema(running_mean, mean, 0.9), **F32)
+    np.testing.assert_allclose(new_state.var, _ema(running_var, var, 0.9), **F32)
+
+
+def test_renorm_without_room_is_plain_batch_norm():
+    x, scale, bias, state = _inputs((8, 3, 3), 1, seed=12, mean=4.0)
+    plain = batch_norm(jnp.asarray(x), state, scale, bias, training=True, axis=1)
+    renorm = batch_norm(jnp.asarray(x), state, scale, bias, training=True, axis=1, renorm_clipping=(1.0, 0.0))
+    np.testing.assert_allclose(renorm[0], plain[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(renorm[1].mean, plain[1].mean)
+    np.testing.assert_array_equal(renorm[1].var, plain[1].var)
+
+
+def test_renorm_treats_r_and_d_as_constants_in_the_gradient():
+    x, scale, bias, _ = _inputs((12, 2), -1, seed=13, mean=0.0, std=1.0)
+    state = normjax.BatchNormState(jnp.array([0.3, -0.2]), jnp.array([0.8, 1.1]))
+    _, r, d = reference.batch_renorm_train(x, state.mean, state.var, r_max=3.0, d_max=5.0)
+    weights = jnp.asarray(np.random.default_rng(14).normal(size=x.shape), jnp.float32)
+
+    def loss(x, scale, bias, **renorm):
+        y, _ = batch_norm(x, state, scale, bias, training=True, **renorm)
+        return jnp.sum(weights * y)
+
+    got = jax.jit(jax.grad(loss, (0, 1, 2)), static_argnames="renorm_clipping")(
+        jnp.asarray(x), scale, bias, renorm_clipping=(3.0, 5.0)
+    )
+    # With r, d constant, renorm is plain BN with scale gamma * r and bias beta + gamma * d.
+    r, d = jnp.asarray(r, jnp.float32), jnp.asarray(d, jnp.float32)
+    gx, gscale, _ = jax.jit(jax.grad(loss, (0, 1, 2)))(jnp.asarray(x), scale * r, bias + scale * d)
+    np.testing.assert_allclose(got[0], gx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[1], gscale * r + jnp.sum(weights, 0) * d, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[2], jnp.sum(weights, 0), rtol=1e-6)
+
+
+# Ghost BatchNorm (Hoffer et al., 2017).
+
+
 @pytest.mark.parametrize("unbiased", [False, True])
 def test_ghost_batch_norm_equals_batch_norm_on_each_virtual_batch(unbiased):
     rng = np.random.default_rng(4)
@@ -153,3 +239,46 @@ def test_ghost_is_training_only():
     ghost, _ = normjax.batch_norm(x, state, training=False, virtual_batch_size=2)
     plain, _ = normjax.batch_norm(x, state, training=False)
     np.testing.assert_array_equal(ghost, plain)
+
+
+@pytest.mark.parametrize(
+    ("shape", "axis", "masked", "unbiased"),
+    [((12, 3), -1, False, False), ((12, 3), -1, True, True), ((8, 2, 3, 3), 1, True, False)],
+)
+def test_ghost_batch_norm_is_batch_norm_per_virtual_batch(shape, axis, masked, unbiased):
+    x, scale, bias, state = _inputs(shape, axis, seed=15)
+    virtual, ghosts = 4, shape[0] // 4
+    mask = None
+    if masked:  # uneven valid counts per virtual batch, so the weighting of the running statistics matters
+        keep_probability = np.linspace(0.3, 0.9, shape[0]).reshape((-1,) + (1,) * (len(shape) - 1))
+        mask = np.random.default_rng(16).random(shape) < keep_probability
+        mask[::virtual] = mask[1::virtual] = True  # at least two valid values per virtual batch and feature
+    kw = dict(training=True, momentum=0.9, axis=axis, unbiased_running_var=unbiased)
+    as_jnp = lambda m: None if m is None else jnp.asarray(m)  # noqa: E731
+    y, new_state = batch_norm(jnp.asarray(x), state, scale, bias, virtual_batch_size=virtual, mask=as_jnp(mask), **kw)
+    counts, means, vars_ = [], [], []
+    for g in range(ghosts):
+        part = slice(g * virtual, (g + 1) * virtual)
+        part_mask = None if mask is None else mask[part]
+        y_g, state_g = batch_norm(jnp.asarray(x[part]), state, scale, bias, mask=as_jnp(part_mask), **kw)
+        valid = np.ones(x[part].shape, bool) if part_mask is None else np.broadcast_to(part_mask, x[part].shape)
+        np.testing.assert_allclose(np.asarray(y)[part][valid], np.asarray(y_g)[valid], rtol=1e-6, atol=1e-6)
+        _, mean, var, count = reference.batch_norm_train(x[part], axis=axis, mask=part_mask)
+        counts.append(count)
+        means.append(mean)
+        vars_.append(var * count / (count - 1) if unbiased else var)
+    weights = np.stack(counts) / np.sum(counts, axis=0)
+    np.testing.assert_allclose(new_state.mean, _ema(state.mean, np.sum(weights * np.stack(means), 0), 0.9), **F32)
+    np.testing.assert_allclose(new_state.var, _ema(state.var, np.sum(weights * np.stack(vars_), 0), 0.9), **F32)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"virtual_batch_size": 5}, "must be a positive int that divides the batch size 12"),
+        ({"virtual_batch_size": 4, "renorm_clipping": (2.0, 1.0)}, "cannot be combined"),
+    ],
+)
+def test_ghost_batch_norm_bad_input(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        normjax.batch_norm(jnp.ones((12, 3)), normjax.init_batch_norm_state(3), training=True, **kwargs)

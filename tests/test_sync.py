@@ -7,7 +7,6 @@ a device without a valid row, masked-out positions holding NaN, and a large offs
 """
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -493,94 +492,3 @@ def test_axis_index_groups_under_shard_map_points_to_the_two_level_mesh():
     ) as info:
         jax.jit(f)(jnp.ones((DEVICES * 2, C)))
     assert "(groups, per_group)" in str(info.value) and "axis_name='per_group'" in str(info.value)
-
-
-# Collective cost, as documented in moments' docstring and docs/guides/sync.md.
-
-
-_BYTES = {"f32": 4, "f64": 8, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1}
-
-
-def collectives(hlo_text: str, kind: str) -> tuple[int, int]:
-    """(number of ``kind`` ops, e.g. ``all-reduce``, and the total bytes of their results) in compiled HLO."""
-    ops, total = 0, 0
-    for match in re.finditer(rf"=\s*(.+?)\s+{kind}(?:-start)?\(", hlo_text):
-        ops += 1
-        for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", match.group(1)):
-            total += _BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64))
-    return ops, total
-
-
-def _batch_norm_hlo(mesh, features: int, masked: bool, backward: bool) -> str:
-    """The compiled HLO of one synchronized batch_norm on (N, 4, 4, features), optionally with its gradient."""
-
-    def loss(x, mask):
-        state = normjax.init_batch_norm_state(features)
-        y, _ = normjax.batch_norm(x, state, training=True, axis_name="d", mask=mask if masked else None)
-        return jnp.sum(jnp.sin(y))
-
-    if backward:  # the gradient w.r.t. the local x needs no gradient averaging
-        f = jax.shard_map(jax.grad(loss), mesh=mesh, in_specs=P("d"), out_specs=P("d"))
-    else:  # the forward loss is varying; make it a per-device output
-        f = jax.shard_map(lambda x, m: loss(x, m)[None], mesh=mesh, in_specs=P("d"), out_specs=P("d"))
-    n = mesh.devices.size
-    x = jnp.ones((2 * n, 4, 4, features))
-    mask = jnp.ones((2 * n, 4, 4, 1), bool)
-    return jax.jit(f).lower(x, mask).compile().as_text()
-
-
-@pytest.mark.parametrize("features", [5, 32])
-@pytest.mark.parametrize("masked", [False, True])
-def test_one_collective_round_forward_and_one_backward(features, masked):
-    """From the compiled HLO: the forward gathers (count, shift, offset, M2) of every device in one all-gather
-    (4F float32 numbers from each of D devices) and all-reduces nothing; the backward adds one all-reduce round
-    of 2F numbers (the sums of the cotangent and of its product with x - mean)."""
-    mesh = _mesh(DEVICES, ("d",))
-    forward = _batch_norm_hlo(mesh, features, masked, backward=False)
-    assert collectives(forward, "all-gather") == (1, 4 * 4 * features * DEVICES)
-    assert collectives(forward, "all-reduce") == (0, 0)
-    backward = _batch_norm_hlo(mesh, features, masked, backward=True)
-    assert collectives(backward, "all-gather") == (1, 4 * 4 * features * DEVICES)
-    assert collectives(backward, "all-reduce")[1] == 4 * 2 * features
-
-
-def test_uncentered_statistics_take_one_small_all_reduce():
-    features = 16
-    mesh = _mesh(DEVICES, ("d",))
-    rms = jax.shard_map(
-        lambda x: normjax.rms_norm(x, axis=(0, 1), feature_axes=-1, axis_name="d"),
-        mesh=mesh,
-        in_specs=P("d"),
-        out_specs=P("d"),
-    )
-    hlo = jax.jit(rms).lower(jnp.ones((2 * DEVICES, 4, features))).compile().as_text()
-    assert collectives(hlo, "all-reduce") == (1, 4 * (features + 1))
-    assert collectives(hlo, "all-gather") == (0, 0)
-
-
-@pytest.mark.parametrize(
-    "norm",
-    [
-        lambda x, s, b: normjax.batch_norm(
-            x, normjax.init_batch_norm_state(x.shape[-1]), s, b, training=True, axis_name="d"
-        )[0],
-        lambda x, s, b: normjax.layer_norm(x, s, b, axis=(0, -1), feature_axes=-1, axis_name="d"),
-    ],
-    ids=["batch_norm", "layer_norm"],
-)
-def test_synchronized_reductions_keep_no_unit_axes(norm):
-    """Every all-reduce of a synchronized forward+backward runs on squeezed statistics, e.g. f32[C], never
-    f32[1, 1, 1, C]: XLA:CPU fuses each reduction with the reshape that feeds its all-reduce, and its reductions
-    to a shape with unit axes are several times slower (synchronized BatchNorm was 5x slower than local)."""
-    features = 16
-    mesh = _mesh(DEVICES, ("d",))
-
-    def grads(x, s, b, g):
-        return jax.grad(lambda x, s, b: jnp.sum(norm(x, s, b) * g), argnums=(0, 1, 2))(x, s, b)
-
-    step = jax.shard_map(grads, mesh=mesh, in_specs=(P("d"), P(), P(), P("d")), out_specs=(P("d"), P(), P()))
-    x = jnp.ones((2 * DEVICES, 4, 4, features))
-    hlo = jax.jit(step).lower(x, jnp.ones(features), jnp.zeros(features), x).compile().as_text()
-    shapes = [m for line in hlo.splitlines() if " all-reduce(" in line for m in re.findall(r"f32\[([\d,]*)\]", line)]
-    assert shapes, "expected all-reduces in a synchronized program"
-    assert all("1," not in dims + "," for dims in shapes), shapes

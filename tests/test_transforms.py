@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,11 +35,8 @@ def stack_of_examples(seed=0):
 
 
 def assert_trees_close(got, want):
-    assert jax.tree.structure(got) == jax.tree.structure(want)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        assert g.shape == w.shape and g.dtype == w.dtype
-        # Fusion under jit may reorder float32 operations: a few ulps, nothing more.
-        np.testing.assert_allclose(g, w, rtol=2e-6, atol=2e-6)
+    # Same structure, shapes and dtypes; fusion under jit may reorder float32 operations: a few ulps, nothing more.
+    chex.assert_trees_all_close(got, want, rtol=2e-6, atol=2e-6, strict=True)
 
 
 def all_norms(x):

@@ -10,16 +10,16 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Hashable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-Axes = int | Sequence[int]
-AxisName = str | Sequence[str] | None
+from normjax._src.typing import ArrayLike, Axes, AxisIndexGroups, AxisName, DTypeLike
 
 
-def _is_int(value) -> bool:
+def _is_int(value: Any) -> bool:
     """True for Python and NumPy integers, False for bools (``axis=True`` is a bug, not axis 1)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -80,12 +80,12 @@ def complement(axes: tuple[int, ...], ndim: int) -> tuple[int, ...]:
     return tuple(a for a in range(ndim) if a not in axes)
 
 
-def _type_name(value) -> str:
+def _type_name(value: Any) -> str:
     cls = type(value)
     return cls.__name__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _check_array_like(value, name: str) -> None:
+def _check_array_like(value: Any, name: str) -> None:
     if isinstance(value, jax.Array | np.ndarray | np.generic) or hasattr(value, "__jax_array__"):
         return  # __jax_array__: array wrappers such as nnx.Variable
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor, recognized without importing torch
@@ -98,7 +98,7 @@ def _check_array_like(value, name: str) -> None:
     )
 
 
-def check_inexact(x: jax.Array, name: str = "x") -> None:
+def check_inexact(x: Any, name: str = "x") -> None:
     """Raises a TypeError unless `x` is an array of floating-point or complex numbers."""
     _check_array_like(x, name)
     dtype = jnp.result_type(x)
@@ -109,7 +109,7 @@ def check_inexact(x: jax.Array, name: str = "x") -> None:
         )
 
 
-def is_narrow_float(dtype) -> bool:
+def is_narrow_float(dtype: DTypeLike) -> bool:
     """Whether ``dtype`` is a real float narrower than 16 bits (``float8_e4m3fn``, ``float8_e5m2``, ...).
 
     JAX gives such types no implicit promotion path (``jnp.promote_types(float8_e4m3fn, float32)`` raises), so
@@ -118,7 +118,7 @@ def is_narrow_float(dtype) -> bool:
     return jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 16
 
 
-def promote_types(*dtypes) -> jnp.dtype:
+def promote_types(*dtypes: DTypeLike) -> np.dtype:
     """``jnp.promote_types`` of ``dtypes``, with a float narrower than 16 bits promoted as float32 when it meets
     another dtype (JAX refuses to promote those implicitly); alone, or only with itself, it stays as it is."""
     dtypes = tuple(jnp.dtype(d) for d in dtypes)
@@ -130,7 +130,7 @@ def promote_types(*dtypes) -> jnp.dtype:
     return result
 
 
-def stats_dtype(dtype) -> jnp.dtype:
+def stats_dtype(dtype: DTypeLike) -> np.dtype:
     """The dtype statistics are computed in: float32 or wider (complex64 or wider for complex inputs).
 
     Canonicalized, so a NumPy float64 input with x64 disabled computes in float32 without a truncation warning;
@@ -139,7 +139,7 @@ def stats_dtype(dtype) -> jnp.dtype:
     return jax.dtypes.canonicalize_dtype(promote_types(dtype, jnp.float32))
 
 
-def output_dtype(x: jax.Array, dtype=None) -> jnp.dtype:
+def output_dtype(x: jax.Array, dtype: DTypeLike | None = None) -> np.dtype:
     """The dtype of a norm's output: ``dtype`` if given, else ``x``'s, as JAX represents it (x64 or not).
 
     An input narrower than 16 bits (``float8_e4m3fn``, ``float8_e5m2``) outputs float32 unless ``dtype`` says
@@ -151,7 +151,7 @@ def output_dtype(x: jax.Array, dtype=None) -> jnp.dtype:
     return jax.dtypes.canonicalize_dtype(x.dtype if dtype is None else dtype)
 
 
-def check_mask(mask: jax.Array | None, shape: tuple[int, ...], name: str = "mask") -> None:
+def check_mask(mask: Any, shape: tuple[int, ...], name: str = "mask") -> None:
     """Raises unless `mask` is a boolean array broadcastable to `shape`."""
     if mask is None:
         return
@@ -176,7 +176,7 @@ def check_mask(mask: jax.Array | None, shape: tuple[int, ...], name: str = "mask
         )
 
 
-def check_param(param: jax.Array | None, expected: tuple[int, ...], name: str, what: str) -> None:
+def check_param(param: Any, expected: tuple[int, ...], name: str, what: str) -> None:
     """Raises unless `param` is None or has exactly the shape `expected`."""
     if param is None:
         return
@@ -196,7 +196,7 @@ def check_param(param: jax.Array | None, expected: tuple[int, ...], name: str, w
         )
 
 
-def check_state(state, feature_shape: tuple[int, ...], x_dtype, what: str) -> None:
+def check_state(state: Any, feature_shape: tuple[int, ...], x_dtype: DTypeLike, what: str) -> None:
     """Raises unless `state` holds running statistics usable for an input of dtype `x_dtype`.
 
     `state.mean` and `state.var` must have the feature shape and a floating dtype of at least 32 bits (an EMA
@@ -240,7 +240,7 @@ def check_state(state, feature_shape: tuple[int, ...], x_dtype, what: str) -> No
         )
 
 
-def _check_numeric(value, name: str) -> None:
+def _check_numeric(value: Any, name: str) -> None:
     """Raises unless `value` (an array or a number) holds numbers, not booleans."""
     dtype = jnp.result_type(value)
     if dtype == jnp.bool_ or not jnp.issubdtype(dtype, jnp.number):
@@ -250,7 +250,7 @@ def _check_numeric(value, name: str) -> None:
         )
 
 
-def _static_scalar(value, name: str, expected: str, hint: str) -> float | None:
+def _static_scalar(value: Any, name: str, expected: str, hint: str) -> float | None:
     """The Python float of a concrete real scalar, None for a traced one; raises naming `name` for anything else.
 
     Booleans (Python or NumPy) are refused: ``epsilon=True`` is a bug, not 1.0.
@@ -267,7 +267,7 @@ def _static_scalar(value, name: str, expected: str, hint: str) -> float | None:
     raise TypeError(f"`{name}` must be {expected}, got {got} of type {_type_name(value)}. {hint}")
 
 
-def check_epsilon(epsilon, x_dtype=None) -> None:
+def check_epsilon(epsilon: Any, x_dtype: DTypeLike | None = None) -> None:
     """Raises unless a static `epsilon` is a positive, finite number, normal in the statistics dtype of `x_dtype`.
 
     Why normal: an epsilon below the smallest normal number of the statistics dtype (1.2e-38 for float32)
@@ -297,7 +297,7 @@ def check_epsilon(epsilon, x_dtype=None) -> None:
         )
 
 
-def check_momentum(momentum) -> None:
+def check_momentum(momentum: Any) -> None:
     """Raises unless a static `momentum` lies in [0, 1] (traced values, e.g. in a vmap sweep, pass).
 
     :func:`normjax.batch_norm` keeps its running state when a traced momentum is outside [0, 1] or NaN.
@@ -311,7 +311,7 @@ def check_momentum(momentum) -> None:
         )
 
 
-def check_static_bool(value, name: str) -> None:
+def check_static_bool(value: Any, name: str) -> None:
     """Raises unless `value` is a Python (or NumPy) bool known at trace time, e.g. ``training``."""
     if isinstance(value, bool | np.bool_):
         return
@@ -329,7 +329,7 @@ def check_static_bool(value, name: str) -> None:
     )
 
 
-def check_renorm_clipping(renorm_clipping) -> None:
+def check_renorm_clipping(renorm_clipping: Any) -> None:
     """Raises unless `renorm_clipping` is None or a pair ``(r_max, d_max)`` with r_max >= 1 and d_max >= 0.
 
     Each bound may be traced (Batch Renormalization ramps them up during training): traced bounds are checked
@@ -356,7 +356,7 @@ def check_renorm_clipping(renorm_clipping) -> None:
         raise ValueError(f"{expected} (and finite), {hint}")
 
 
-def check_renorm_warmup(renorm_warmup_steps, renorm_clipping, count) -> None:
+def check_renorm_warmup(renorm_warmup_steps: Any, renorm_clipping: Any, count: Any) -> None:
     """Raises unless `renorm_warmup_steps` is a non-negative int, used with `renorm_clipping` and a step counter."""
     if not _is_int(renorm_warmup_steps) or renorm_warmup_steps < 0:
         raise TypeError(
@@ -380,7 +380,7 @@ def check_renorm_warmup(renorm_warmup_steps, renorm_clipping, count) -> None:
         )
 
 
-def check_virtual_batch_size(virtual_batch_size, batch: int) -> None:
+def check_virtual_batch_size(virtual_batch_size: Any, batch: int) -> None:
     """Raises unless `virtual_batch_size` is a positive int (Python or NumPy) dividing the batch size."""
     divisors = [d for d in range(1, batch + 1) if batch % d == 0] if batch else []
     if not _is_int(virtual_batch_size):
@@ -397,7 +397,7 @@ def check_virtual_batch_size(virtual_batch_size, batch: int) -> None:
         )
 
 
-def check_features(features, name: str = "features") -> tuple[int, ...]:
+def check_features(features: Any, name: str = "features") -> tuple[int, ...]:
     """The shape of per-feature statistics from a count or a shape; raises naming `name` for anything else."""
     fix = f"Pass the number of features, e.g. `{name}=64`, or the feature axes' shape, e.g. `{name}=(8, 64)`."
     if _is_int(features):
@@ -415,7 +415,7 @@ def check_features(features, name: str = "features") -> tuple[int, ...]:
     return shape
 
 
-def _describe(value) -> str:
+def _describe(value: Any) -> str:
     """`value`'s dtype and shape, or its type when it is not an array."""
     try:
         return f"dtype {jnp.result_type(value)} and shape {jnp.shape(value)}"
@@ -423,7 +423,7 @@ def _describe(value) -> str:
         return f"{value!r} of type {_type_name(value)}"
 
 
-def check_float_dtype(dtype, name: str = "dtype", what: str = "the output dtype") -> None:
+def check_float_dtype(dtype: Any, name: str = "dtype", what: str = "the output dtype") -> None:
     """Raises unless `dtype` (if not None) is a floating-point or complex dtype."""
     if dtype is None:
         return
@@ -440,7 +440,7 @@ def check_float_dtype(dtype, name: str = "dtype", what: str = "the output dtype"
         )
 
 
-def check_real_output(out_dtype, **params) -> None:
+def check_real_output(out_dtype: DTypeLike, **params: ArrayLike | None) -> None:
     """Raises when a complex parameter would be cast into a real output, dropping its imaginary part.
 
     Complex parameters are supported with a complex output (a complex `x`, or a complex ``dtype``), as complex
@@ -457,7 +457,7 @@ def check_real_output(out_dtype, **params) -> None:
             )
 
 
-def check_moment_array(value, name: str, x_shape: tuple[int, ...], real: bool = False) -> None:
+def check_moment_array(value: Any, name: str, x_shape: tuple[int, ...], real: bool = False) -> None:
     """Raises unless `value` (a mean or variance given to normalize) is a number or array broadcasting to x."""
     if (
         value is None
@@ -507,7 +507,7 @@ def check_groups(channels: int, num_groups: int | None, group_size: int | None) 
     return int(num_groups) if num_groups is not None else channels // int(group_size)
 
 
-def _axis_names(axis_name: AxisName) -> tuple:
+def _axis_names(axis_name: AxisName) -> tuple[Hashable, ...]:
     """The names in `axis_name`: a tuple or list of names, or one name of any hashable type (as JAX allows)."""
     return tuple(axis_name) if isinstance(axis_name, tuple | list) else (axis_name,)
 
@@ -527,7 +527,7 @@ def _axis_size(axis_name: AxisName) -> int:
     return size
 
 
-def _index_groups(axis_index_groups) -> list[list[int]] | None:
+def _index_groups(axis_index_groups: Any) -> list[list[int]] | None:
     """`axis_index_groups` as lists of ints, or None when it is not a sequence of int sequences."""
     try:
         groups = [list(g) for g in axis_index_groups]
@@ -538,7 +538,7 @@ def _index_groups(axis_index_groups) -> list[list[int]] | None:
     return [[int(i) for i in g] for g in groups]
 
 
-def check_axis_name(axis_name: AxisName, axis_index_groups) -> None:
+def check_axis_name(axis_name: AxisName, axis_index_groups: AxisIndexGroups) -> None:
     """Raises a clear error for an unbound `axis_name` or malformed `axis_index_groups`."""
     if axis_name is None:
         if axis_index_groups is not None:
@@ -573,7 +573,7 @@ def check_axis_name(axis_name: AxisName, axis_index_groups) -> None:
         )
 
 
-def synchronized_size(axis_name: AxisName, axis_index_groups) -> int:
+def synchronized_size(axis_name: AxisName, axis_index_groups: AxisIndexGroups) -> int:
     """How many devices each statistic is reduced over: the size of `axis_name`, or of one of its index groups.
 
     Static (``jax.lax.axis_size``) under pmap, vmap and shard_map; raises as :func:`check_axis_name` does.
@@ -590,7 +590,7 @@ def check_several_values(
     shape: tuple[int, ...],
     reduction_axes: tuple[int, ...],
     axis_name: AxisName,
-    axis_index_groups,
+    axis_index_groups: AxisIndexGroups,
     norm: str,
     fix: str,
     empty_only: bool = False,
@@ -620,8 +620,8 @@ def check_several_values(
 
 
 def check_batch_norm_values(
-    shape: tuple[int, ...], reduction_axes: tuple[int, ...], mask, axis_name: AxisName, axis_index_groups,
-    allow_single_value: bool,
+    shape: tuple[int, ...], reduction_axes: tuple[int, ...], mask: ArrayLike | None, axis_name: AxisName,
+    axis_index_groups: AxisIndexGroups, allow_single_value: bool,
 ) -> None:  # fmt: skip
     """Raises when BatchNorm in training would see one value per feature, known at trace time.
 
@@ -663,14 +663,18 @@ ONE_VALUE_FIX = {
 
 
 def check_norm_values(
-    norm: str, shape: tuple[int, ...], reduction_axes: tuple[int, ...], axis_name: AxisName, axis_index_groups
+    norm: str,
+    shape: tuple[int, ...],
+    reduction_axes: tuple[int, ...],
+    axis_name: AxisName,
+    axis_index_groups: AxisIndexGroups,
 ) -> None:
     """:func:`check_several_values` for the per-example norms, with the fix that suits each."""
     empty_only = norm in ("layer_norm", "rms_norm")
     check_several_values(shape, reduction_axes, axis_name, axis_index_groups, norm, ONE_VALUE_FIX[norm], empty_only)
 
 
-def check_ghost_batch_options(virtual_batch_size, axis_name: AxisName, renorm_clipping) -> None:
+def check_ghost_batch_options(virtual_batch_size: int | None, axis_name: AxisName, renorm_clipping: Any) -> None:
     """Raises when Ghost BatchNorm (`virtual_batch_size`) is combined with an option it cannot serve."""
     if virtual_batch_size is None:
         return

@@ -25,12 +25,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import NamedTuple
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from normjax._src import axes as axes_lib
+from normjax._src.typing import ArrayLike, Axes, AxisIndexGroups, AxisName
+
+# A layout's reduction (normjax._src.layout): total(fn, operands) sums fn(*operands) over the axes, keepdims.
+Total = Callable[[Callable[..., jax.Array], Sequence[jax.Array]], jax.Array]
 
 # Sums about zero are used (``about_zero_first``) only while mean^2 <= (WELL_CONDITIONED - 1) * var.
 WELL_CONDITIONED = 4.0
@@ -120,7 +125,7 @@ def shifted_moments(
     *,
     mask: jax.Array | None,
     centered: bool,
-    total,
+    total: Total,
     sample_from: jax.Array | None = None,
     about_zero_first: bool = False,
 ) -> ShiftedMoments:
@@ -183,7 +188,7 @@ def shifted_moments(
 
 
 @contextlib.contextmanager
-def _grouped_collectives_explained(axis_name, axis_index_groups):
+def _grouped_collectives_explained(axis_name: AxisName, axis_index_groups: AxisIndexGroups) -> Iterator[None]:
     """Turns JAX's bare error for grouped collectives outside pmap into one that says what to do instead."""
     try:
         yield
@@ -198,7 +203,7 @@ def _grouped_collectives_explained(axis_name, axis_index_groups):
         ) from None
 
 
-def psum(tree, axis_name, axis_index_groups):
+def psum(tree: Any, axis_name: AxisName, axis_index_groups: AxisIndexGroups) -> Any:
     """``lax.psum`` of a tree of (keepdims) statistics, all-reduced without their unit axes.
 
     Why squeezed: XLA:CPU fuses a reduction with the reshape after it, and its library reductions are several
@@ -213,16 +218,16 @@ def psum(tree, axis_name, axis_index_groups):
     return treedef.unflatten([jnp.reshape(s, jnp.shape(a)) for s, a in zip(summed, leaves, strict=True)])
 
 
-def _names(axis_name) -> tuple:
+def _names(axis_name: AxisName) -> tuple[Hashable, ...]:
     return tuple(axis_name) if isinstance(axis_name, tuple | list) else (axis_name,)
 
 
-def on_device_axes(axis_name, like: jax.Array) -> bool:
+def on_device_axes(axis_name: AxisName, like: jax.Array) -> bool:
     """Whether every name of ``axis_name`` is a ``shard_map`` device axis (``like``'s type varies over it)."""
     return all(name in jax.typeof(like).mat.varying for name in _names(axis_name))
 
 
-def _gather(a: jax.Array, axis_name, axis_index_groups) -> jax.Array:
+def _gather(a: jax.Array, axis_name: AxisName, axis_index_groups: AxisIndexGroups) -> jax.Array:
     """``all_gather`` of ``a`` over every name of ``axis_name`` (device axes of ``shard_map``), devices along one
     leading axis, device-invariant so merged statistics can leave the ``shard_map`` replicated. Several names are
     gathered one after the other."""
@@ -233,7 +238,9 @@ def _gather(a: jax.Array, axis_name, axis_index_groups) -> jax.Array:
     return jnp.reshape(a, (-1,) + a.shape[len(names) :])
 
 
-def _merge_with_psums(local: ShiftedMoments, axis_name, axis_index_groups) -> tuple[ShiftedMoments, ShiftedMoments]:
+def _merge_with_psums(
+    local: ShiftedMoments, axis_name: AxisName, axis_index_groups: AxisIndexGroups
+) -> tuple[ShiftedMoments, ShiftedMoments]:
     """The merge of :func:`merge_across_devices` from two ``psum`` rounds, for ``vmap`` and ``pmap`` axes.
 
     Round one agrees on a reference, the count-weighted mean of the devices' shifts, and the count; round two
@@ -257,7 +264,7 @@ def _merge_with_psums(local: ShiftedMoments, axis_name, axis_index_groups) -> tu
 
 
 def merge_across_devices(
-    local: ShiftedMoments, axis_name, axis_index_groups, *, centered: bool = True
+    local: ShiftedMoments, axis_name: AxisName, axis_index_groups: AxisIndexGroups, *, centered: bool = True
 ) -> tuple[ShiftedMoments, ShiftedMoments]:
     r"""The statistics of every device's valid elements together: one all-gather on ``shard_map`` device axes.
 
@@ -301,18 +308,18 @@ def merge_across_devices(
     return own, common
 
 
-def plain_total(axes: tuple[int, ...]):
+def plain_total(axes: tuple[int, ...]) -> Total:
     """The layout-free reduction: ``sum(fn(*operands), axes, keepdims=True)``."""
     return lambda fn, operands: jnp.sum(fn(*operands), axes, keepdims=True)
 
 
 def moments(
-    x: jax.Array,
-    axes: axes_lib.Axes,
+    x: ArrayLike,
+    axes: Axes,
     *,
-    mask: jax.Array | None = None,
-    axis_name: axes_lib.AxisName = None,
-    axis_index_groups=None,
+    mask: ArrayLike | None = None,
+    axis_name: AxisName = None,
+    axis_index_groups: AxisIndexGroups = None,
     keepdims: bool = False,
     centered: bool = True,
 ) -> Moments:
@@ -363,6 +370,7 @@ def moments(
     axes_lib.check_axis_name(axis_name, axis_index_groups)
     axes_lib.check_static_bool(keepdims, "keepdims")  # argument check (axes.py)
     axes_lib.check_static_bool(centered, "centered")  # argument check (axes.py)
+    x = jnp.asarray(x)
     x = x.astype(axes_lib.stats_dtype(x.dtype))
     if mask is not None:
         mask = jnp.broadcast_to(mask, x.shape)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from normjax._src import axes as axes_lib
+from normjax._src.typing import ArrayLike, DTypeLike
 
 
 class BatchNormState(NamedTuple):
@@ -31,7 +32,7 @@ class BatchNormState(NamedTuple):
     count: jax.Array | None = None
 
 
-def init_batch_norm_state(features: int | Sequence[int], dtype=jnp.float32) -> BatchNormState:
+def init_batch_norm_state(features: int | Sequence[int], dtype: DTypeLike = jnp.float32) -> BatchNormState:
     """The initial running statistics: mean 0 and variance 1 for each feature.
 
     Args:
@@ -70,8 +71,8 @@ def ema_update(
     var: jax.Array,
     keep: jax.Array,
     *,
-    momentum: float,
-    epsilon: float | None = None,
+    momentum: ArrayLike,
+    epsilon: ArrayLike | None = None,
 ) -> BatchNormState:
     """``new = momentum * old + (1 - momentum) * batch`` where ``keep`` is False; the old value elsewhere.
 
@@ -101,7 +102,7 @@ def _sharded_like(a: jax.Array, like: jax.Array) -> jax.Array:
     return jax.sharding.reshard(a, target) if explicit and sharding != target else a
 
 
-def invalid_hyperparameters(momentum, epsilon=None) -> jax.Array:
+def invalid_hyperparameters(momentum: ArrayLike, epsilon: ArrayLike | None = None) -> jax.Array:
     """True when ``momentum`` is outside [0, 1] or NaN, or ``epsilon`` is not positive and finite (a 0-d bool).
 
     Static values were already refused by the argument checks, so this only ever fires for traced ones (e.g. a

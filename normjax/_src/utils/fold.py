@@ -10,16 +10,17 @@ import jax.numpy as jnp
 
 from normjax._src import axes as axes_lib
 from normjax._src.normalize import normalize
+from normjax._src.typing import ArrayLike
 from normjax._src.utils import _paths
 
 
 def fold_batch_norm(
-    kernel: jax.Array,
-    bias: jax.Array | None,
-    scale: jax.Array | None,
-    bn_bias: jax.Array | None,
-    mean: jax.Array,
-    var: jax.Array,
+    kernel: ArrayLike,
+    bias: ArrayLike | None,
+    scale: ArrayLike | None,
+    bn_bias: ArrayLike | None,
+    mean: ArrayLike,
+    var: ArrayLike,
     *,
     epsilon: float = 1e-5,
 ) -> tuple[jax.Array, jax.Array]:
@@ -83,6 +84,7 @@ def fold_batch_norm(
                 f"{jnp.shape(kernel)}), got {jnp.shape(value)}. Flax kernels are HWIO/(in, out); transpose "
                 "PyTorch OIHW/(out, in) weights to put the output features last."
             )
+    kernel, mean, var = jnp.asarray(kernel), jnp.asarray(mean), jnp.asarray(var)
     rank = jnp.ndim(kernel)
     var_last = jnp.reshape(var, (1,) * (rank - 1) + features)
     # W·s is the standardization of W around mean 0; b' is the BatchNorm of the old bias, with the same s.
@@ -155,7 +157,7 @@ def fold_batch_norm_variables(
     return result
 
 
-def _pairs(pairs) -> list[tuple[Any, Any]]:
+def _pairs(pairs: Any) -> list[tuple[_paths.PathSpec, _paths.PathSpec]]:
     """`pairs` as a list of (layer, batch_norm) path specs, or a TypeError naming `pairs`."""
     items = list(pairs.items()) if isinstance(pairs, Mapping) else pairs
     fix = "Pass e.g. `{'Conv_0': 'BatchNorm_0'}` or `[('block/Conv_0', 'block/BatchNorm_0')]`."
@@ -173,7 +175,7 @@ def _pairs(pairs) -> list[tuple[Any, Any]]:
     return [tuple(item) for item in items]
 
 
-def _copy_dicts(tree):
+def _copy_dicts(tree: Any) -> Any:
     if isinstance(tree, Mapping):
         return {key: _copy_dicts(value) for key, value in tree.items()}
     return tree
@@ -182,7 +184,7 @@ def _copy_dicts(tree):
 _MISSING = object()
 
 
-def _lookup(tree, path, default=_MISSING):
+def _lookup(tree: Any, path: _paths.Path, default: Any = _MISSING) -> Any:
     node = tree
     for depth, name in enumerate(path):
         if not isinstance(node, Mapping) or name not in node:
@@ -206,7 +208,7 @@ def _lookup(tree, path, default=_MISSING):
     return node
 
 
-def _remove(tree, path):
+def _remove(tree: Any, path: _paths.Path) -> None:
     parent = _lookup(tree, path[:-1], default=None)
     if isinstance(parent, dict):
         parent.pop(path[-1], None)

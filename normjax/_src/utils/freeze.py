@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from normjax._src import flax_conventions
+from normjax._src.optional_dependencies import import_optional
 from normjax._src.utils import _paths
 
 _BATCH_NORM = ("BatchNorm",)
@@ -54,7 +55,7 @@ def freeze_batch_norm(
     ``RuntimeError`` saying so, rather than silently updating its statistics; Flax's own ``nnx.BatchNorm``
     cannot be detected and is not frozen.
     """
-    import flax.linen as nn
+    nn = import_optional("flax.linen", needed_by="normjax.freeze_batch_norm")
 
     _paths.check_where(where)
     _paths.check_kinds(kinds)
@@ -79,7 +80,9 @@ def freeze_batch_norm(
         yield
 
 
-def _without_call_argument(method, args, kwargs, name):
+def _without_call_argument(
+    method: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], name: str
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """`args` and `kwargs` of a call to `method` (without `self`) with argument `name` left at its default."""
     bound = inspect.signature(method).bind(None, *args, **kwargs)
     bound.arguments.pop(name, None)
@@ -118,7 +121,7 @@ def freeze_batch_norm_nnx(
       >>> model.layers[1].use_running_average
       True
     """
-    from flax import nnx
+    nnx = import_optional("flax.nnx", needed_by="normjax.freeze_batch_norm_nnx")
 
     if not isinstance(model, nnx.Module):
         raise TypeError(
@@ -135,7 +138,7 @@ def freeze_batch_norm_nnx(
     return frozen
 
 
-def _nnx_submodule(model, path):
+def _nnx_submodule(model: Any, path: _paths.Path) -> Any:
     for name in path:
         model = model[int(name)] if name.isdigit() and not hasattr(model, name) else getattr(model, name)
     return model

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import jax
 import numpy as np
 
+from normjax._src.optional_dependencies import import_optional
 from normjax._src.utils import _paths
 
 DEFAULT_NORM_MODULE_PATTERN = r"(?i)(?:(?:batch|layer|group|instance|rms)_?)?norm(?:_?\d+)?|(?:bn|ln|gn)(?:_?\d+)?"
@@ -46,7 +47,7 @@ def find_norm_modules(
       >>> normjax.find_norm_modules(model, jnp.ones((1, 3)))
       [('layers_1',)]
     """
-    from flax import nnx
+    nnx = import_optional("flax.nnx", needed_by="normjax.find_norm_modules")
 
     _paths.check_kinds(kinds)
     select = functools.partial(_paths.is_kind, kinds=kinds)
@@ -55,7 +56,9 @@ def find_norm_modules(
     return sorted(set(_linen_module_paths(model, select, args, kwargs)))
 
 
-def _linen_module_paths(model, select, args, kwargs) -> list[tuple[str, ...]]:
+def _linen_module_paths(
+    model: Any, select: Callable[[Any], bool], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> list[tuple[str, ...]]:
     import flax.linen as nn
 
     if not isinstance(model, nn.Module):
@@ -168,7 +171,7 @@ def weight_decay_mask(
     return jax.tree_util.tree_map_with_path(decay, norm)
 
 
-def _module_selector(modules, pattern):
+def _module_selector(modules: Any, pattern: Any) -> Callable[[_paths.Path], bool]:
     if modules is not None:
         if isinstance(modules, str):
             raise TypeError(

@@ -12,7 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from normjax._src.optional_dependencies import import_optional
+from normjax._src.typing import ArrayLike
 from normjax._src.utils import _paths
+
+KeyPath = tuple[Any, ...]  # a leaf's path, as jax.tree_util.tree_map_with_path gives it
 
 
 def precise_batch_stats(
@@ -171,7 +175,7 @@ def _with_counters(tree, template):
     return {k: _with_counters(tree[k], v) if k in tree else v for k, v in template.items()}
 
 
-def _marker(key_path, leaf):
+def _marker(key_path: KeyPath, leaf: ArrayLike) -> jax.Array:
     """What a statistic is set to before each batch: 0 for means, a negative variance no update can produce."""
     leaf = jnp.asarray(leaf)
     if _paths.leaf_path(key_path)[-1:] == ("var",) and jnp.issubdtype(leaf.dtype, jnp.floating):
@@ -179,7 +183,7 @@ def _marker(key_path, leaf):
     return jnp.zeros_like(leaf)
 
 
-def _used(stored, markers, stats):
+def _used(stored: Any, markers: Any, stats: Any) -> Any:
     """Per leaf and feature: whether the batch enters the statistics of the layer holding the leaf.
 
     It does where the layer updated its statistics (its variance no longer holds the marker: a layer keeps its
@@ -203,7 +207,7 @@ def _used(stored, markers, stats):
     return jax.tree_util.tree_map_with_path(used, stored)
 
 
-def _lookup(tree, path):
+def _lookup(tree: Any, path: _paths.Path) -> Any:
     for name in path:
         if not isinstance(tree, Mapping) or name not in tree:
             return None
@@ -211,7 +215,7 @@ def _lookup(tree, path):
     return tree
 
 
-def _weight(size) -> jax.Array:
+def _weight(size: Any) -> jax.Array:
     if isinstance(size, bool | np.bool_) or not (
         isinstance(size, numbers.Real) or (hasattr(size, "dtype") and jnp.ndim(size) == 0)
     ):
@@ -224,7 +228,7 @@ def _weight(size) -> jax.Array:
     return jnp.asarray(size, jnp.float32)
 
 
-def _leading_size(batch) -> int:
+def _leading_size(batch: Any) -> int:
     leaves = jax.tree.leaves(batch)
     if not leaves or jnp.ndim(leaves[0]) == 0:
         raise ValueError(
@@ -233,9 +237,9 @@ def _leading_size(batch) -> int:
     return jnp.shape(leaves[0])[0]
 
 
-def _retention_tree(apply_fn, variables, batch):
+def _retention_tree(apply_fn: Callable[[Any, Any], Any], variables: dict[str, Any], batch: Any) -> Any:
     """``1 - momentum`` of each layer, as a tree of the structure of ``batch_stats`` (mean and var leaves)."""
-    import flax.linen as nn
+    nn = import_optional("flax.linen", needed_by="normjax.precise_batch_stats")
 
     momenta = {}
 
@@ -270,7 +274,7 @@ def _retention_tree(apply_fn, variables, batch):
     return jax.tree_util.tree_map_with_path(retention, _without_counters(variables["batch_stats"]))
 
 
-def _batch_statistics(stored, retention):
+def _batch_statistics(stored: Any, retention: Any) -> Any:
     # max(., 0): the marker's trace (m * t, far below float32 resolution) cannot make a variance negative.
     def read(key_path, value, r):
         value = jnp.asarray(value).astype(jnp.float32)
@@ -281,7 +285,7 @@ def _batch_statistics(stored, retention):
     return jax.tree_util.tree_map_with_path(read, stored, retention)
 
 
-def _empty(template):
+def _empty(template: Any) -> Any:
     """The sufficient statistics of no batch: per leaf a weight, a batch count, a value and a between-batch sum."""
 
     def zeros(leaf):
@@ -292,7 +296,7 @@ def _empty(template):
     return jax.tree.map(zeros, template)
 
 
-def _single(weight, used, stats):
+def _single(weight: jax.Array, used: Any, stats: Any) -> Any:
     """One batch's sufficient statistics: its weight and count where the layer used the batch, 0 elsewhere."""
 
     def single(is_used, value):
@@ -303,7 +307,7 @@ def _single(weight, used, stats):
     return jax.tree.map(single, used, stats, is_leaf=lambda a: a is None)
 
 
-def _merge(a, b):
+def _merge(a: Any, b: Any) -> Any:
     """Chan's parallel merge of two trees of ``(weight, batches, value, between-batch sum of squares)``, per feature.
 
     Mean leaves merge as weighted means and accumulate the squared deviations of the batch means; the ``var``
@@ -327,11 +331,11 @@ def _merge(a, b):
     return jax.tree_util.tree_map_with_path(merge, a, b, is_leaf=lambda t: isinstance(t, tuple))
 
 
-def _is_mean(key_path) -> bool:
+def _is_mean(key_path: KeyPath) -> bool:
     return _paths.leaf_path(key_path)[-1:] == ("mean",)
 
 
-def _finish(total, template, variance):
+def _finish(total: Any, template: Any, variance: str) -> Any:
     def result(key_path, stats, leaf_template):
         n, _, value, _ = stats
         path = _paths.leaf_path(key_path)

@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 
 from normjax._src import axes as axes_lib
+from normjax._src.typing import AxisName
 
 
-def sync_batch_stats(batch_stats: Any, axis_name: axes_lib.AxisName) -> Any:
+def sync_batch_stats(batch_stats: Any, axis_name: AxisName) -> Any:
     """The mean of each running statistic over the devices of ``axis_name``, inside ``pmap`` or ``shard_map``.
 
     Without synchronized BatchNorm each replica's running statistics follow its own data and diverge; before

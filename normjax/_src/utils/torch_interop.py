@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from normjax._src import axes as axes_lib
+from normjax._src.typing import DTypeLike
 
 _TORCH_TO_FLAX = {"weight": ("params", "scale"), "bias": ("params", "bias")}
 _TORCH_STATS = {"running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
@@ -17,7 +18,7 @@ _IGNORED = ("num_batches_tracked",)
 
 
 def norm_variables_from_torch(
-    state_dict: Mapping[str, Any], prefix: str = "", *, dtype: Any = jnp.float32, count: bool = False
+    state_dict: Mapping[str, Any], prefix: str = "", *, dtype: DTypeLike = jnp.float32, count: bool = False
 ) -> dict[str, dict[str, Any]]:
     """The Flax variables of a PyTorch BatchNorm, LayerNorm or GroupNorm, from its ``state_dict`` entries.
 
@@ -118,7 +119,7 @@ def norm_variables_from_torch(
     return variables
 
 
-def _to_numpy(value) -> np.ndarray:
+def _to_numpy(value: Any) -> np.ndarray:
     """A copy of a torch tensor (any device, with or without grad) or array-like as NumPy, without importing torch.
 
     A copy, because ``Tensor.numpy()`` shares memory with the tensor and JAX may share it with the NumPy array on
@@ -166,7 +167,7 @@ def momentum_to_torch(flax_momentum: float) -> float:
     return _flip_momentum(flax_momentum, "flax_momentum")
 
 
-def _flip_momentum(momentum, name):
+def _flip_momentum(momentum: Any, name: str) -> float:
     if momentum is not None and (isinstance(momentum, bool | np.bool_) or not isinstance(momentum, numbers.Real)):
         raise TypeError(
             f"`{name}` must be a number in [0, 1], got {momentum!r} of type {type(momentum).__name__}. Pass e.g. "
