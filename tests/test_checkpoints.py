@@ -31,7 +31,8 @@ def bits(a) -> np.ndarray:
 
 
 def assert_bit_exact(state, expected):
-    for got, want in zip(state, expected, strict=True):
+    assert jax.tree.structure(state) == jax.tree.structure(expected)
+    for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(expected), strict=True):
         assert got.dtype == want.dtype
         np.testing.assert_array_equal(bits(got), bits(want))
 
@@ -42,6 +43,7 @@ ROUND_TRIP_STATES = {
     "float32": STATE,
     "complex64": nj.BatchNormState(jnp.array([1 + 2j, -3j]), jnp.array([0.5, 7.0])),
     "nonfinite-free-denormal": nj.BatchNormState(jnp.array([1e-45, -0.0]), jnp.array([np.finfo(np.float32).max, 1.0])),
+    "step-count": nj.init_batch_norm_state(2)._replace(count=jnp.asarray(2**31 - 1, jnp.int32)),
 }
 
 
