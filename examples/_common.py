@@ -17,6 +17,7 @@ from typing import NamedTuple
 _HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 if _HOST_DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_HOST_DEVICES_FLAG}=8".strip()
+os.environ.setdefault("NPROC", "32")  # XLA:CPU's thread pool: more threads than devices, so collectives never starve
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
