@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from normjax._src import axes as axes_lib
 from normjax._src.normalize import normalize
-from normjax._src.standardize import Renorm, as_feature, standardize
+from normjax._src.standardize import Renorm, as_feature, standardize, zero_masked
 from normjax._src.state import BatchNormState, ema_update
 
 
@@ -29,6 +29,8 @@ def batch_norm(
     allow_single_value: bool = False,
     virtual_batch_size: int | None = None,
     renorm_clipping: tuple[float, float] | None = None,
+    scale_offset: float = 0.0,
+    zero_masked_outputs: bool = False,
 ) -> tuple[jax.Array, BatchNormState]:
     r"""Batch Normalization (Ioffe & Szegedy, 2015), a pure function of the input and the running state.
 
@@ -57,8 +59,9 @@ def batch_norm(
     Args:
       x: the input, e.g. ``(N, C)``, ``(N, H, W, C)`` or ``(C,)`` per example under ``vmap``.
       state: the running statistics, a :class:`BatchNormState` with the feature axes' shape.
-      scale: optional :math:`\gamma`, of the feature axes' shape.
-      bias: optional :math:`\beta`, of the feature axes' shape.
+      scale: optional :math:`\gamma`, of the feature axes' shape, or per example (class-conditional BatchNorm):
+        of ``x``'s rank, broadcastable to ``x``, e.g. ``(N, 1, 1, C)`` for ``(N, H, W, C)``.
+      bias: optional :math:`\beta`, likewise.
       training: use batch statistics and update the state (True), or the running statistics (False).
       momentum: weight of the old running value, in [0, 1].
       epsilon: a small positive number added to the variance.
@@ -78,6 +81,10 @@ def batch_norm(
         corrected towards the running statistics by :math:`r = \mathrm{clip}(\sigma_B/\hat\sigma,
         1/r_{max}, r_{max})` and :math:`d = \mathrm{clip}((\mu_B - \hat\mu)/\hat\sigma, -d_{max}, d_{max})`
         (no gradient through either): :math:`y = (\frac{x - \mu_B}{\sigma_B} r + d)\gamma + \beta`.
+      scale_offset: a constant added to ``scale`` (in float32 or wider): ``1.0`` for a zero-centered scale,
+        :math:`y = \hat x\,(1 + \gamma) + \beta`, as BigGAN's class-conditional gains.
+      zero_masked_outputs: output 0 where ``mask`` is False (else those positions are standardized with the
+        valid elements' statistics); no effect without a mask.
 
     Returns:
       ``(y, new_state)``: the output in ``x``'s dtype and the new running statistics.
@@ -115,8 +122,10 @@ def batch_norm(
     feature_axes = axes_lib.canonicalize_axes(axis, ndim, "axis")
     feature_shape = tuple(x.shape[a] for a in feature_axes)
     what = f"one value per feature along axis {feature_axes}"
-    axes_lib.check_param(scale, feature_shape, "scale", what)
-    axes_lib.check_param(bias, feature_shape, "bias", what)
+    axes_lib.check_affine(scale, x.shape, feature_axes, "scale", what)
+    axes_lib.check_affine(bias, x.shape, feature_axes, "bias", what)
+    axes_lib.check_scale_offset(scale_offset, scale)
+    axes_lib.check_static_bool(zero_masked_outputs, "zero_masked_outputs")
     axes_lib.check_state(state, feature_shape, x.dtype, what)
     axes_lib.check_mask(mask, jnp.shape(x))
     axes_lib.check_renorm_clipping(renorm_clipping)
@@ -124,7 +133,9 @@ def batch_norm(
     if not training:
         mean = as_feature(state.mean, ndim, feature_axes)
         var = as_feature(state.var, ndim, feature_axes)
-        y = normalize(x, mean, var, scale, bias, epsilon=epsilon, feature_axes=feature_axes)
+        y = normalize(x, mean, var, scale, bias, epsilon=epsilon, feature_axes=feature_axes, scale_offset=scale_offset)
+        if zero_masked_outputs and mask is not None:
+            y = zero_masked(y, jnp.broadcast_to(mask, x.shape))
         return y, state
 
     if virtual_batch_size is not None:
@@ -132,7 +143,8 @@ def batch_norm(
             x, state, scale, bias, feature_axes=feature_axes, momentum=momentum, epsilon=epsilon,
             axis_name=axis_name, mask=mask, unbiased_running_var=unbiased_running_var,
             skip_nonfinite=skip_nonfinite, allow_single_value=allow_single_value,
-            virtual_batch_size=virtual_batch_size, renorm_clipping=renorm_clipping,
+            virtual_batch_size=virtual_batch_size, renorm_clipping=renorm_clipping, scale_offset=scale_offset,
+            zero_masked_outputs=zero_masked_outputs,
         )  # fmt: skip
 
     reduction_axes = axes_lib.complement(feature_axes, ndim)
@@ -140,6 +152,7 @@ def batch_norm(
     y, stats = standardize(
         x, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes, epsilon=epsilon, mask=mask,
         axis_name=axis_name, axis_index_groups=axis_index_groups, renorm=_renorm(state, renorm_clipping),
+        scale_offset=scale_offset, zero_masked_outputs=zero_masked_outputs,
     )  # fmt: skip
     squeeze = lambda a: jnp.reshape(a, feature_shape)  # noqa: E731
     new_state = _update_state(
@@ -179,7 +192,7 @@ def _update_state(state, mean, var, count, *, momentum, epsilon, unbiased_runnin
 
 def _ghost_batch_norm(
     x, state, scale, bias, *, feature_axes, momentum, epsilon, axis_name, mask, unbiased_running_var,
-    skip_nonfinite, allow_single_value, virtual_batch_size, renorm_clipping,
+    skip_nonfinite, allow_single_value, virtual_batch_size, renorm_clipping, scale_offset, zero_masked_outputs,
 ):  # fmt: skip
     if 0 in feature_axes:
         raise ValueError(
@@ -198,8 +211,10 @@ def _ghost_batch_norm(
     reduction_axes = axes_lib.complement((0,) + grouped_features, xg.ndim)
     axes_lib.check_batch_norm_values(xg.shape, reduction_axes, mask_g, None, None, allow_single_value)
     y, stats = standardize(
-        xg, scale, bias, reduction_axes=reduction_axes, feature_axes=grouped_features, epsilon=epsilon, mask=mask_g
-    )
+        xg, _ghost_param(scale, grouped_shape), _ghost_param(bias, grouped_shape), reduction_axes=reduction_axes,
+        feature_axes=grouped_features, epsilon=epsilon, mask=mask_g, scale_offset=scale_offset,
+        zero_masked_outputs=zero_masked_outputs,
+    )  # fmt: skip
 
     # The running statistics see the count-weighted average of the virtual batches' statistics.
     weights = stats.count / jnp.maximum(jnp.sum(stats.count, axis=0, keepdims=True), 1)
@@ -218,3 +233,11 @@ def _ghost_batch_norm(
         skip_nonfinite=skip_nonfinite,
     )
     return jnp.reshape(y, x.shape), new_state
+
+
+def _ghost_param(param, grouped_shape):
+    """A per-example scale or bias split like ``x`` into (virtual batches, examples); per feature unchanged."""
+    if param is None or jnp.ndim(param) != len(grouped_shape) - 1:
+        return param
+    rest = jnp.shape(param)[1:]
+    return jnp.reshape(jnp.broadcast_to(param, (grouped_shape[0] * grouped_shape[1],) + rest), grouped_shape[:2] + rest)

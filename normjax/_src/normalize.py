@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from normjax._src import axes as axes_lib
-from normjax._src.standardize import as_feature, standardized_output
+from normjax._src.standardize import as_affine, offset_scale, standardized_output
 
 
 def normalize(
@@ -19,12 +19,13 @@ def normalize(
     epsilon: float = 1e-5,
     feature_axes: axes_lib.Axes = -1,
     dtype=None,
+    scale_offset: float = 0.0,
 ) -> jax.Array:
     r"""Standardizes ``x`` with given moments and applies an optional affine transform.
 
     .. math::
 
-        y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} \cdot \gamma + \beta
+        y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} \cdot (\gamma + c) + \beta
 
     The arithmetic runs in float32 or wider; the result is cast to ``dtype`` (default: ``x``'s dtype).
 
@@ -32,11 +33,13 @@ def normalize(
       x: the input.
       mean: the mean, broadcastable to ``x`` (e.g. :func:`normjax.moments` with ``keepdims=True``).
       var: the variance, broadcastable to ``x``.
-      scale: optional :math:`\gamma`, of shape ``[x.shape[a] for a in feature_axes]``.
-      bias: optional :math:`\beta`, of the same shape as ``scale``.
+      scale: optional :math:`\gamma`, of shape ``[x.shape[a] for a in feature_axes]``, or per example: of
+        ``x``'s rank, broadcastable to ``x`` (e.g. ``(B, 1, D)`` for a ``(B, T, D)`` input).
+      bias: optional :math:`\beta`, likewise.
       epsilon: a small positive number added to the variance.
       feature_axes: the axes of ``x`` that ``scale`` and ``bias`` run along.
       dtype: the output dtype; defaults to ``x.dtype``.
+      scale_offset: :math:`c`, added to ``scale`` in float32 or wider: 1.0 for a zero-centered scale.
 
     Returns:
       The normalized array, of ``x``'s shape.
@@ -53,9 +56,10 @@ def normalize(
     axes_lib.check_epsilon(epsilon, x.dtype)
     ndim = jnp.ndim(x)
     feature_axes = axes_lib.canonicalize_axes(feature_axes, ndim, "feature_axes")
-    feature_shape = tuple(x.shape[a] for a in feature_axes)
-    axes_lib.check_param(scale, feature_shape, "scale", f"the size of x's feature axes {feature_axes}")
-    axes_lib.check_param(bias, feature_shape, "bias", f"the size of x's feature axes {feature_axes}")
+    what = f"the size of x's feature axes {feature_axes}"
+    axes_lib.check_affine(scale, x.shape, feature_axes, "scale", what)
+    axes_lib.check_affine(bias, x.shape, feature_axes, "bias", what)
+    axes_lib.check_scale_offset(scale_offset, scale)
     # -- argument checks (axes.py) --
     axes_lib.check_moment_array(mean, "mean", x.shape)
     axes_lib.check_moment_array(var, "var", x.shape, real=True)
@@ -66,6 +70,6 @@ def normalize(
 
     compute_dtype = axes_lib.stats_dtype(jnp.result_type(x, mean))
     inv_std = jax.lax.rsqrt(jnp.asarray(var, jnp.finfo(compute_dtype).dtype) + epsilon)
-    gamma = None if scale is None else as_feature(scale, ndim, feature_axes)
-    beta = None if bias is None else as_feature(bias, ndim, feature_axes)
+    gamma = offset_scale(as_affine(scale, ndim, feature_axes), scale_offset, inv_std.dtype)
+    beta = as_affine(bias, ndim, feature_axes)
     return standardized_output(x.astype(compute_dtype), mean, inv_std, gamma, beta).astype(out_dtype)
