@@ -22,8 +22,8 @@ is exact for narrow parameters). Reverse mode is JAX's transpose of this linear 
 two reductions and one elementwise pass. Written as a JVP the rule also serves ``jax.jvp``, ``jacfwd``, higher
 orders, ``vmap`` and collectives. The mean is the exact float sum ``hi + lo`` of this device's shift and offset:
 the output subtracts ``hi``, and the rule sums ``(x - hi) - lo``, so the backward's components along the reduced
-axes cancel to rounding of the data's spread even at a large mean (``x - hi`` alone would leave a residual of ``n *
-lo``, up to ``n * eps * |mu| / 2``).
+axes cancel to rounding of the data's spread even at a large mean (``x - hi`` alone would leave a residual of
+``n * lo``, up to ``n * eps * |mu| / 2``).
 
 Masked-out elements never enter arithmetic whose result is kept: they are selected away (never multiplied by
 zero), their :math:`\hat x` is 0, so their output is :math:`\beta`, and no derivative reads them.
