@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from normjax._src import axes as axes_lib
 from normjax._src.batch_norm import batch_norm
+from normjax._src.example_norms import gated_rms_norm, per_group
 from normjax._src.standardize import standardize
 from normjax._src.state import BatchNormState
 
@@ -180,6 +181,25 @@ def check_several_values(
     )
 
 
+def call_affine(own: jax.Array | None, given: jax.Array | None, name: str, layer: str) -> jax.Array | None:
+    """The scale (or bias) a layer's call uses: its own parameter, or the one given at call time.
+
+    A layer with its own parameter refuses a call-time one (as Haiku's layers do) rather than guess whether to
+    multiply, add or replace; conditional normalization (AdaLN, FiLM, class-conditional BatchNorm) builds the layer
+    without it and passes it at each call.
+    """
+    if given is None:
+        return own
+    if own is not None:
+        flag = "use_scale" if name == "scale" else "use_bias"
+        raise ValueError(
+            f"{layer} has its own `{name}` parameter ({flag}=True), and a `{name}` was also given at call time. "
+            f"To normalize with a call-time (e.g. per-example, conditional) `{name}`, build the layer with "
+            f"`{flag}=False`; to combine both, compute the combination yourself and pass it."
+        )
+    return given
+
+
 def _running_state(mean: jax.Array, var: jax.Array, x_dtype) -> BatchNormState:
     """Running statistics in the form the core requires for an input of dtype ``x_dtype``.
 
@@ -219,6 +239,8 @@ def apply_batch_norm(
     renorm_clipping: tuple[float, float] | None,
     stats_names: tuple[str, str] = ("batch_stats/mean", "batch_stats/var"),
     stats_fix: str = "",
+    scale_offset: float = 0.0,
+    zero_masked_outputs: bool = False,
 ) -> tuple[jax.Array, BatchNormState | None]:
     """A BatchNorm layer's call: returns ``(y, new_running_stats)``, the latter ``None`` when nothing is written.
 
@@ -240,9 +262,9 @@ def apply_batch_norm(
         "restore the matching checkpoint, or re-initialize the layer with `model.init` on this input.",
     )
     state = _running_state(running_mean, running_var, x.dtype)
-    shared = dict(epsilon=epsilon, axis=axis)
+    shared = dict(epsilon=epsilon, axis=axis, scale_offset=scale_offset, zero_masked_outputs=zero_masked_outputs)
     if use_running_average:
-        y, _ = batch_norm(x, state, scale, bias, training=False, **shared)
+        y, _ = batch_norm(x, state, scale, bias, training=False, mask=bool_mask(mask), **shared)
         return y.astype(out), None
     if initializing:
         y, _ = batch_norm(
@@ -274,16 +296,28 @@ def apply_standardize(
     initializing: bool = False,
     centered: bool = True,
     layer: str = "LayerNorm",
+    scale_offset: float = 0.0,
+    zero_masked_outputs: bool = False,
+    gate: jax.Array | None = None,
+    norm_before_gate: bool = True,
 ) -> jax.Array:
-    """LayerNorm / RMSNorm (``centered=False``) / InstanceNorm: per-example statistics, Flax's axes and dtypes.
+    """LayerNorm / RMSNorm (``centered=False``, optionally gated) / InstanceNorm: per-example statistics, Flax's
+    axes and dtypes.
 
     During initialization the statistics are not synchronized, so ``model.init`` needs no bound ``axis_name``
     (initialization only needs the parameters' shapes).
     """
     sync = not initializing
-    out = output_dtype(x, scale, bias, dtype=dtype)
+    out = output_dtype(x, scale, bias, gate, dtype=dtype)
     x = widen(x, out)
     check_several_values(x.shape, reduction_axes, axis_name, axis_index_groups, layer=layer, initializing=initializing)
+    if gate is not None:
+        return gated_rms_norm(
+            x, gate, scale, norm_before_gate=norm_before_gate, axis=reduction_axes, epsilon=epsilon,
+            mask=bool_mask(mask), feature_axes=feature_axes, axis_name=axis_name if sync else None,
+            axis_index_groups=axis_index_groups if sync else None, scale_offset=scale_offset,
+            zero_masked_outputs=zero_masked_outputs,
+        ).astype(out)  # fmt: skip
     return standardize(
         x,
         scale,
@@ -296,6 +330,8 @@ def apply_standardize(
         axis_name=axis_name if sync else None,
         axis_index_groups=axis_index_groups if sync else None,
         dtype=out,
+        scale_offset=scale_offset,
+        zero_masked_outputs=zero_masked_outputs,
     )[0]
 
 
@@ -362,6 +398,8 @@ def apply_group_norm(
     axis_index_groups,
     dtype,
     initializing: bool = False,
+    scale_offset: float = 0.0,
+    zero_masked_outputs: bool = False,
 ) -> jax.Array:
     """Flax's GroupNorm: channels (last axis) split into contiguous groups, statistics over each group and
     ``reduction_axes``; a per-channel affine.
@@ -376,8 +414,8 @@ def apply_group_norm(
     groups = group_count(channels, num_groups, group_size)
     spatial = _group_reduction_axes(ndim, reduction_axes)
     per_channel = f"one value per channel of the last axis ({channels})"
-    axes_lib.check_param(scale, (channels,), "scale", per_channel)
-    axes_lib.check_param(bias, (channels,), "bias", per_channel)
+    axes_lib.check_affine(scale, x.shape, (ndim - 1,), "scale", per_channel)
+    axes_lib.check_affine(bias, x.shape, (ndim - 1,), "bias", per_channel)
     mask = bool_mask(mask)
     if mask is not None:
         axes_lib.check_mask(mask, x.shape)
@@ -387,12 +425,11 @@ def apply_group_norm(
         grouped_shape, spatial + (ndim,), axis_name, axis_index_groups, layer="GroupNorm", initializing=initializing
     )
     regroup = lambda a: None if a is None else jnp.reshape(a, grouped_shape)  # noqa: E731
-    per_group = lambda p: None if p is None else jnp.reshape(p, grouped_shape[-2:])  # noqa: E731
     sync = not initializing
     y = standardize(
         regroup(x),
-        per_group(scale),
-        per_group(bias),
+        per_group(scale, ndim, ndim - 1, groups),
+        per_group(bias, ndim, ndim - 1, groups),
         reduction_axes=spatial + (ndim,),
         feature_axes=(ndim - 1, ndim),
         epsilon=epsilon,
@@ -400,5 +437,7 @@ def apply_group_norm(
         axis_name=axis_name if sync else None,
         axis_index_groups=axis_index_groups if sync else None,
         dtype=out,
+        scale_offset=scale_offset,
+        zero_masked_outputs=zero_masked_outputs,
     )[0]
     return jnp.reshape(y, x.shape)
