@@ -196,6 +196,24 @@ def check_affine(param, x_shape: tuple[int, ...], feature_axes: tuple[int, ...],
     check_param(param, feature_shape, name, what)
 
 
+def call_time_param(own, given, name: str, layer: str, flag: str):
+    """The scale (or bias) a layer's call uses: its own parameter, or the one given at call time.
+
+    A layer with its own parameter refuses a call-time one (as Haiku's layers do) rather than guess whether to
+    multiply, add or replace; conditional normalization (AdaLN, FiLM, class-conditional BatchNorm) builds the layer
+    without it (``flag=False``) and passes it at each call.
+    """
+    if given is None:
+        return own
+    if own is not None:
+        raise ValueError(
+            f"{layer} has its own `{name}` parameter ({flag}=True), and a `{name}` was also given at call time. "
+            f"To normalize with a call-time (e.g. per-example, conditional) `{name}`, build the layer with "
+            f"`{flag}=False`; to combine both, compute the combination yourself and pass it."
+        )
+    return given
+
+
 def check_gate(gate, x_shape: tuple[int, ...]) -> None:
     """Raises unless `gate` is a floating-point array broadcastable to x's shape."""
     check_inexact(gate, "gate")

@@ -24,8 +24,9 @@ except ImportError as error:  # an optional dependency: `import normjax` alone n
         "(or `pip install equinox`)."
     ) from error
 
+from normjax._src import axes as axes_lib
 from normjax._src.batch_norm import batch_norm
-from normjax._src.example_norms import group_norm, instance_norm, layer_norm, rms_norm
+from normjax._src.example_norms import gated_rms_norm, group_norm, instance_norm, layer_norm, rms_norm
 from normjax._src.state import BatchNormState, init_batch_norm_state
 
 AxisName = Hashable | Sequence[Hashable]
@@ -47,6 +48,20 @@ def _static_flag(flag):
         return bool(flag)
     except jax.errors.ConcretizationTypeError:  # TracerBoolConversionError is one
         return flag
+
+
+def _initial_weight(shape, dtype, scale_offset: float) -> jax.Array:
+    """The weight at which ``weight + scale_offset`` is 1: ones, or zeros for a zero-centered weight."""
+    return jnp.full(shape, 1.0 - scale_offset, dtype)
+
+
+def _affine(layer: eqx.Module, weight, bias, flag: str) -> tuple[jax.Array | None, jax.Array | None]:
+    """The ``(weight, bias)`` a call uses: the layer's own, or those given at call time (conditional norms)."""
+    name = type(layer).__name__
+    return (
+        axes_lib.call_time_param(layer.weight, weight, "weight", name, flag.format("weight")),
+        axes_lib.call_time_param(layer.bias, bias, "bias", name, flag.format("bias")),
+    )
 
 
 def _per_example_error(layer: str, expected: str, shape: tuple[int, ...], fix: str) -> ValueError:
@@ -98,6 +113,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
       dtype: the dtype of ``weight`` and ``bias`` (default float32, or float64 with ``jax_enable_x64``); the
         running statistics use it too, but at least float32.
       mode: ``"batch"``, the only mode (accepted for compatibility with Equinox's argument).
+      scale_offset: a constant :math:`c` added to ``weight`` in float32 or wider, :math:`\gamma + c`: ``1.0``
+        for a zero-centered weight (Gemma's :math:`1 + \gamma`). The ``weight`` starts at :math:`1 - c` (zeros
+        for ``1.0``), so the layer starts as the identity affine whatever the offset.
+      zero_masked_outputs: output 0 where the call's ``mask`` is False (in training and inference); no effect
+        without a mask.
 
     Example:
       >>> import equinox as eqx, jax, jax.numpy as jnp
@@ -125,6 +145,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
     channelwise_affine: bool = eqx.field(static=True)
     momentum: float = eqx.field(static=True)
     mode: Literal["batch"] = eqx.field(static=True)
+    scale_offset: float = eqx.field(static=True)
+    zero_masked_outputs: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -136,6 +158,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
         inference: bool = False,
         dtype=None,
         mode: Literal["batch"] = "batch",
+        *,
+        scale_offset: float = 0.0,
+        zero_masked_outputs: bool = False,
     ):
         if mode != "batch":
             raise ValueError(
@@ -144,7 +169,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 "statistics while training, which makes training unstable; drop `mode` or pass mode='batch'."
             )
         dtype = _param_dtype(dtype)
-        self.weight = jnp.ones((input_size,), dtype) if channelwise_affine else None
+        self.weight = _initial_weight((input_size,), dtype, scale_offset) if channelwise_affine else None
         self.bias = jnp.zeros((input_size,), dtype) if channelwise_affine else None
         self.state_index = eqx.nn.StateIndex(init_batch_norm_state(input_size, jnp.promote_types(dtype, jnp.float32)))
         self.inference = inference
@@ -155,6 +180,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.channelwise_affine = channelwise_affine
         self.momentum = momentum
         self.mode = mode
+        self.scale_offset = scale_offset
+        self.zero_masked_outputs = zero_masked_outputs
 
     @jax.named_scope("normjax.equinox.BatchNorm")
     def __call__(
@@ -165,8 +192,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
         key: jax.Array | None = None,
         inference: bool | None = None,
         mask: jax.Array | None = None,
+        weight: jax.Array | None = None,
+        bias: jax.Array | None = None,
     ) -> tuple[jax.Array, eqx.nn.State]:
-        """Normalizes one example; returns ``(y, state)`` with the running statistics updated in training.
+        r"""Normalizes one example; returns ``(y, state)`` with the running statistics updated in training.
 
         Args:
           x: one example, shape ``(input_size, *spatial)``.
@@ -175,7 +204,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
           key: ignored; accepted as by every Equinox layer.
           inference: overrides ``self.inference`` when not None.
           mask: optional boolean broadcastable to ``x``; False elements are left out of the batch statistics
-            (a scalar False leaves the whole example out, e.g. padding). Ignored in inference.
+            (a scalar False leaves the whole example out, e.g. padding). In inference it only matters with
+            ``zero_masked_outputs``.
+          weight: a call-time :math:`\gamma` (conditional normalization: AdaLN, FiLM, class-conditional gains), of
+            shape ``(input_size,)`` or broadcastable to ``x``; only for a layer built without one.
+          bias: a call-time :math:`\beta`, likewise.
 
         Returns:
           ``(y, state)``: ``y`` of ``x``'s shape and dtype, and the new state.
@@ -190,11 +223,13 @@ class BatchNorm(eqx.nn.StatefulLayer):
             )
         inference = _static_flag(self.inference if inference is None else inference)
         running = state.get(self.state_index)
+        weight, bias = _affine(self, weight, bias, "channelwise_affine")
 
         def normalize(training: bool) -> tuple[jax.Array, BatchNormState]:
             return batch_norm(
-                x, running, self.weight, self.bias, training=training, momentum=self.momentum, epsilon=self.eps,
+                x, running, weight, bias, training=training, momentum=self.momentum, epsilon=self.eps,
                 axis=0, axis_name=self.axis_name, mask=None if mask is None else jnp.asarray(mask, bool),
+                scale_offset=self.scale_offset, zero_masked_outputs=self.zero_masked_outputs,
             )  # fmt: skip
 
         if isinstance(inference, bool):
@@ -223,6 +258,9 @@ class LayerNorm(eqx.Module):
       use_bias: learn an elementwise shift ``bias``.
       dtype: the dtype of ``weight`` and ``bias`` (default float32, or float64 with ``jax_enable_x64``).
       elementwise_affine: Equinox's deprecated alias setting both ``use_weight`` and ``use_bias``.
+      scale_offset: a constant :math:`c` added to ``weight`` in float32 or wider, :math:`\gamma + c`: ``1.0``
+        for a zero-centered weight (Gemma's :math:`1 + \gamma`). The ``weight`` starts at :math:`1 - c` (zeros
+        for ``1.0``), so the layer starts as the identity affine whatever the offset.
 
     Example:
       >>> import jax.numpy as jnp
@@ -238,6 +276,7 @@ class LayerNorm(eqx.Module):
     eps: float = eqx.field(static=True)
     use_weight: bool = eqx.field(static=True)
     use_bias: bool = eqx.field(static=True)
+    scale_offset: float = eqx.field(static=True)
     weight: jax.Array | None
     bias: jax.Array | None
 
@@ -250,6 +289,7 @@ class LayerNorm(eqx.Module):
         dtype=None,
         *,
         elementwise_affine: bool | None = None,
+        scale_offset: float = 0.0,
     ):
         if elementwise_affine is not None:
             use_weight = use_bias = elementwise_affine
@@ -257,21 +297,38 @@ class LayerNorm(eqx.Module):
         self.eps = eps
         self.use_weight = use_weight
         self.use_bias = use_bias
+        self.scale_offset = scale_offset
         dtype = _param_dtype(dtype)
-        self.weight = jnp.ones(self.shape, dtype) if use_weight else None
+        self.weight = _initial_weight(self.shape, dtype, scale_offset) if use_weight else None
         self.bias = jnp.zeros(self.shape, dtype) if use_bias else None
 
     @jax.named_scope("normjax.equinox.LayerNorm")
     def __call__(
-        self, x: jax.Array, state: eqx.nn.State | None = None, *, key: jax.Array | None = None
+        self,
+        x: jax.Array,
+        state: eqx.nn.State | None = None,
+        *,
+        key: jax.Array | None = None,
+        weight: jax.Array | None = None,
+        bias: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, eqx.nn.State]:
-        """Normalizes one example of shape ``shape``; returns ``y`` (and ``state`` unchanged, if given)."""
+        r"""Normalizes one example of shape ``shape``; returns ``y`` (and ``state`` unchanged, if given).
+
+        Args:
+          x: one example, of shape ``shape``.
+          state: passed through unchanged, if given.
+          key: ignored; accepted as by every Equinox layer.
+          weight: a call-time :math:`\gamma` (conditional normalization: AdaLN, FiLM, class-conditional gains), of
+            the shape of the layer's own; only for a layer built without one.
+          bias: a call-time :math:`\beta`, likewise.
+        """
         del key
         if jnp.shape(x) != self.shape:
             raise _per_example_error(
                 "LayerNorm", f"shape={self.shape}", jnp.shape(x), "Apply it per example with `jax.vmap(layer)(x)`."
             )
-        y = layer_norm(x, self.weight, self.bias, axis=tuple(range(x.ndim)), epsilon=self.eps)
+        weight, bias = _affine(self, weight, bias, "use_{}")
+        y = layer_norm(x, weight, bias, axis=tuple(range(x.ndim)), epsilon=self.eps, scale_offset=self.scale_offset)
         return y if state is None else (y, state)
 
 
@@ -292,6 +349,11 @@ class RMSNorm(eqx.Module):
       use_weight: learn an elementwise scale ``weight``.
       use_bias: learn an elementwise shift ``bias``.
       dtype: the dtype of ``weight`` and ``bias`` (default float32, or float64 with ``jax_enable_x64``).
+      scale_offset: a constant :math:`c` added to ``weight`` in float32 or wider, :math:`\gamma + c`: ``1.0``
+        for a zero-centered weight (Gemma's :math:`1 + \gamma`). The ``weight`` starts at :math:`1 - c` (zeros
+        for ``1.0``), so the layer starts as the identity affine whatever the offset.
+      norm_before_gate: with a call-time ``gate`` :math:`z`, normalize then gate (True, Qwen3-Next), or gate then
+        normalize (False, Mamba-2); see :func:`normjax.gated_rms_norm`.
 
     Example:
       >>> import jax.numpy as jnp
@@ -307,6 +369,8 @@ class RMSNorm(eqx.Module):
     eps: float = eqx.field(static=True)
     use_weight: bool = eqx.field(static=True)
     use_bias: bool = eqx.field(static=True)
+    scale_offset: float = eqx.field(static=True)
+    norm_before_gate: bool = eqx.field(static=True)
     weight: jax.Array | None
     bias: jax.Array | None
 
@@ -317,32 +381,53 @@ class RMSNorm(eqx.Module):
         use_weight: bool = True,
         use_bias: bool = True,
         dtype=None,
+        *,
+        scale_offset: float = 0.0,
+        norm_before_gate: bool = True,
     ):
+        self.norm_before_gate = norm_before_gate
         self.shape = (shape,) if isinstance(shape, int) else tuple(shape)
         self.eps = eps
         self.use_weight = use_weight
         self.use_bias = use_bias
+        self.scale_offset = scale_offset
         dtype = _param_dtype(dtype)
-        self.weight = jnp.ones(self.shape, dtype) if use_weight else None
+        self.weight = _initial_weight(self.shape, dtype, scale_offset) if use_weight else None
         self.bias = jnp.zeros(self.shape, dtype) if use_bias else None
 
     @jax.named_scope("normjax.equinox.RMSNorm")
     def __call__(
-        self, x: jax.Array, state: eqx.nn.State | None = None, *, key: jax.Array | None = None
+        self,
+        x: jax.Array,
+        state: eqx.nn.State | None = None,
+        *,
+        key: jax.Array | None = None,
+        weight: jax.Array | None = None,
+        bias: jax.Array | None = None,
+        gate: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, eqx.nn.State]:
-        """Normalizes one example of shape ``shape``; returns ``y`` (and ``state`` unchanged, if given)."""
+        r"""Normalizes one example of shape ``shape``; returns ``y`` (and ``state`` unchanged, if given).
+
+        Args:
+          x: one example, of shape ``shape``.
+          state: passed through unchanged, if given.
+          key: ignored; accepted as by every Equinox layer.
+          weight: a call-time :math:`\gamma` (conditional normalization: AdaLN, FiLM, class-conditional gains), of
+            the shape of the layer's own; only for a layer built without one.
+          bias: a call-time :math:`\beta`, likewise.
+          gate: optional gate :math:`z` of ``x``'s shape: gated RMSNorm (see ``norm_before_gate``).
+        """
         del key
         if jnp.shape(x) != self.shape:
             raise _per_example_error(
                 "RMSNorm", f"shape={self.shape}", jnp.shape(x), "Apply it per example with `jax.vmap(layer)(x)`."
             )
-        axes = tuple(range(x.ndim))
-        if self.bias is None:
-            y = rms_norm(x, self.weight, axis=axes, epsilon=self.eps)
-        else:  # rms_norm has no shift: add it in >= float32 before the single rounding to x's dtype
-            wide = jnp.promote_types(x.dtype, jnp.float32)
-            y = rms_norm(x.astype(wide), self.weight, axis=axes, epsilon=self.eps) + self.bias.astype(wide)
-            y = y.astype(x.dtype)
+        weight, bias = _affine(self, weight, bias, "use_{}")
+        options = dict(axis=tuple(range(x.ndim)), epsilon=self.eps, scale_offset=self.scale_offset)
+        if gate is None:
+            y = rms_norm(x, weight, bias, **options)
+        else:
+            y = gated_rms_norm(x, gate, weight, bias, norm_before_gate=self.norm_before_gate, **options)
         return y if state is None else (y, state)
 
 
@@ -365,6 +450,9 @@ class GroupNorm(eqx.Module):
       eps: a small positive number added to the variance.
       channelwise_affine: learn a per-channel scale ``weight`` and shift ``bias``.
       dtype: the dtype of ``weight`` and ``bias`` (default float32, or float64 with ``jax_enable_x64``).
+      scale_offset: a constant :math:`c` added to ``weight`` in float32 or wider, :math:`\gamma + c`: ``1.0``
+        for a zero-centered weight (Gemma's :math:`1 + \gamma`). The ``weight`` starts at :math:`1 - c` (zeros
+        for ``1.0``), so the layer starts as the identity affine whatever the offset.
 
     Example:
       >>> import jax.numpy as jnp
@@ -380,6 +468,7 @@ class GroupNorm(eqx.Module):
     channels: int | None = eqx.field(static=True)
     eps: float = eqx.field(static=True)
     channelwise_affine: bool = eqx.field(static=True)
+    scale_offset: float = eqx.field(static=True)
     weight: jax.Array | None
     bias: jax.Array | None
 
@@ -390,6 +479,8 @@ class GroupNorm(eqx.Module):
         eps: float = 1e-5,
         channelwise_affine: bool = True,
         dtype=None,
+        *,
+        scale_offset: float = 0.0,
     ):
         if not isinstance(groups, int) or groups < 1:
             raise ValueError(f"GroupNorm got groups={groups!r}; pass a positive int number of groups.")
@@ -407,15 +498,31 @@ class GroupNorm(eqx.Module):
         self.channels = channels
         self.eps = eps
         self.channelwise_affine = channelwise_affine
+        self.scale_offset = scale_offset
         dtype = _param_dtype(dtype)
-        self.weight = jnp.ones((channels,), dtype) if channelwise_affine else None
+        self.weight = _initial_weight((channels,), dtype, scale_offset) if channelwise_affine else None
         self.bias = jnp.zeros((channels,), dtype) if channelwise_affine else None
 
     @jax.named_scope("normjax.equinox.GroupNorm")
     def __call__(
-        self, x: jax.Array, state: eqx.nn.State | None = None, *, key: jax.Array | None = None
+        self,
+        x: jax.Array,
+        state: eqx.nn.State | None = None,
+        *,
+        key: jax.Array | None = None,
+        weight: jax.Array | None = None,
+        bias: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, eqx.nn.State]:
-        """Normalizes one example ``(channels, *spatial)``; returns ``y`` (and ``state`` unchanged, if given)."""
+        r"""Normalizes one example ``(channels, *spatial)``; returns ``y`` (and ``state`` unchanged, if given).
+
+        Args:
+          x: one example, ``(channels, *spatial)``.
+          state: passed through unchanged, if given.
+          key: ignored; accepted as by every Equinox layer.
+          weight: a call-time :math:`\gamma` (conditional normalization: AdaLN, FiLM, class-conditional gains), shape
+            ``(channels,)``; only for a layer built without one.
+          bias: a call-time :math:`\beta`, likewise.
+        """
         del key
         channels = "channels" if self.channels is None else self.channels
         if jnp.ndim(x) == 0 or (self.channels is not None and x.shape[0] != self.channels):
@@ -425,7 +532,10 @@ class GroupNorm(eqx.Module):
                 jnp.shape(x),
                 "Map it over the batch with `jax.vmap(layer)(x)`, and put the channels first.",
             )
-        y = group_norm(x[None], self.weight, self.bias, num_groups=self.groups, axis=1, epsilon=self.eps)[0]
+        weight, bias = _affine(self, weight, bias, "channelwise_affine")
+        y = group_norm(
+            x[None], weight, bias, num_groups=self.groups, axis=1, epsilon=self.eps, scale_offset=self.scale_offset
+        )[0]
         return y if state is None else (y, state)
 
 
@@ -445,6 +555,9 @@ class InstanceNorm(eqx.Module):
       eps: a small positive number added to the variance.
       channelwise_affine: learn a per-channel scale ``weight`` and shift ``bias``.
       dtype: the dtype of ``weight`` and ``bias`` (default float32, or float64 with ``jax_enable_x64``).
+      scale_offset: a constant :math:`c` added to ``weight`` in float32 or wider, :math:`\gamma + c`: ``1.0``
+        for a zero-centered weight (Gemma's :math:`1 + \gamma`). The ``weight`` starts at :math:`1 - c` (zeros
+        for ``1.0``), so the layer starts as the identity affine whatever the offset.
 
     Example:
       >>> import jax.numpy as jnp
@@ -460,22 +573,47 @@ class InstanceNorm(eqx.Module):
     channels: int = eqx.field(static=True)
     eps: float = eqx.field(static=True)
     channelwise_affine: bool = eqx.field(static=True)
+    scale_offset: float = eqx.field(static=True)
     weight: jax.Array | None
     bias: jax.Array | None
 
-    def __init__(self, channels: int, eps: float = 1e-5, channelwise_affine: bool = True, dtype=None):
+    def __init__(
+        self,
+        channels: int,
+        eps: float = 1e-5,
+        channelwise_affine: bool = True,
+        dtype=None,
+        *,
+        scale_offset: float = 0.0,
+    ):
         self.channels = channels
         self.eps = eps
         self.channelwise_affine = channelwise_affine
+        self.scale_offset = scale_offset
         dtype = _param_dtype(dtype)
-        self.weight = jnp.ones((channels,), dtype) if channelwise_affine else None
+        self.weight = _initial_weight((channels,), dtype, scale_offset) if channelwise_affine else None
         self.bias = jnp.zeros((channels,), dtype) if channelwise_affine else None
 
     @jax.named_scope("normjax.equinox.InstanceNorm")
     def __call__(
-        self, x: jax.Array, state: eqx.nn.State | None = None, *, key: jax.Array | None = None
+        self,
+        x: jax.Array,
+        state: eqx.nn.State | None = None,
+        *,
+        key: jax.Array | None = None,
+        weight: jax.Array | None = None,
+        bias: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, eqx.nn.State]:
-        """Normalizes one example ``(channels, *spatial)``; returns ``y`` (and ``state`` unchanged, if given)."""
+        r"""Normalizes one example ``(channels, *spatial)``; returns ``y`` (and ``state`` unchanged, if given).
+
+        Args:
+          x: one example, ``(channels, *spatial)``.
+          state: passed through unchanged, if given.
+          key: ignored; accepted as by every Equinox layer.
+          weight: a call-time :math:`\gamma` (conditional normalization: AdaLN, FiLM, class-conditional gains), shape
+            ``(channels,)``; only for a layer built without one.
+          bias: a call-time :math:`\beta`, likewise.
+        """
         del key
         if jnp.ndim(x) < 2 or x.shape[0] != self.channels:
             raise _per_example_error(
@@ -485,5 +623,6 @@ class InstanceNorm(eqx.Module):
                 "Map it over the batch with `jax.vmap(layer)(x)`; each channel is normalized over its spatial "
                 "axes, so a single value per channel has nothing to normalize over.",
             )
-        y = instance_norm(x[None], self.weight, self.bias, axis=1, epsilon=self.eps)[0]
+        weight, bias = _affine(self, weight, bias, "channelwise_affine")
+        y = instance_norm(x[None], weight, bias, axis=1, epsilon=self.eps, scale_offset=self.scale_offset)[0]
         return y if state is None else (y, state)

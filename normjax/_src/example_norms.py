@@ -149,6 +149,7 @@ def gated_rms_norm(
     x: jax.Array,
     gate: jax.Array,
     scale: jax.Array | None = None,
+    bias: jax.Array | None = None,
     *,
     norm_before_gate: bool = True,
     axis: axes_lib.Axes = -1,
@@ -164,18 +165,21 @@ def gated_rms_norm(
 
     .. math::
 
-        \text{norm\_before\_gate:}\quad y = \mathrm{RMSNorm}(x)\,\gamma \cdot \mathrm{silu}(z), \qquad
-        \text{otherwise:}\quad y = \mathrm{RMSNorm}\bigl(x \cdot \mathrm{silu}(z)\bigr)\,\gamma
+        \text{norm\_before\_gate:}\quad y = \bigl(\mathrm{RMSNorm}(x)\,\gamma + \beta\bigr) \cdot
+        \mathrm{silu}(z), \qquad
+        \text{otherwise:}\quad y = \mathrm{RMSNorm}\bigl(x \cdot \mathrm{silu}(z)\bigr)\,\gamma + \beta
 
     Qwen3-Next's ``RMSNormGated`` normalizes, then gates (``norm_before_gate=True``, the default, as in
-    ``mamba_ssm``'s ``RMSNorm``); Mamba-2's mixer gates, then normalizes (``norm_before_gate=False``). The gate,
-    the product and the normalization run in float32 or wider; the output is rounded once, to ``x``'s dtype.
+    ``mamba_ssm``'s ``RMSNorm``, whose reference places the bias as above); Mamba-2's mixer gates, then
+    normalizes (``norm_before_gate=False``). The gate, the product and the normalization run in float32 or wider;
+    the output is rounded once, to ``x``'s dtype.
 
     Args:
       x: the input, e.g. ``(N, T, D)``.
       gate: :math:`z`, of ``x``'s shape (or broadcastable to it), any floating dtype.
       scale: optional :math:`\gamma`, of the shape of ``x`` along ``feature_axes``, or per example (see
         :func:`rms_norm`).
+      bias: optional :math:`\beta`, likewise.
       norm_before_gate: normalize then gate (True), or gate then normalize (False).
       axis: the normalized axis or axes.
       epsilon: a small positive number added to the mean square.
@@ -210,7 +214,7 @@ def gated_rms_norm(
     normalize = functools.partial(
         standardize,
         scale=scale,
-        bias=None,
+        bias=bias,
         reduction_axes=axis,
         feature_axes=axis if feature_axes is None else feature_axes,
         epsilon=epsilon,

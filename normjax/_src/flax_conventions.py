@@ -182,22 +182,8 @@ def check_several_values(
 
 
 def call_affine(own: jax.Array | None, given: jax.Array | None, name: str, layer: str) -> jax.Array | None:
-    """The scale (or bias) a layer's call uses: its own parameter, or the one given at call time.
-
-    A layer with its own parameter refuses a call-time one (as Haiku's layers do) rather than guess whether to
-    multiply, add or replace; conditional normalization (AdaLN, FiLM, class-conditional BatchNorm) builds the layer
-    without it and passes it at each call.
-    """
-    if given is None:
-        return own
-    if own is not None:
-        flag = "use_scale" if name == "scale" else "use_bias"
-        raise ValueError(
-            f"{layer} has its own `{name}` parameter ({flag}=True), and a `{name}` was also given at call time. "
-            f"To normalize with a call-time (e.g. per-example, conditional) `{name}`, build the layer with "
-            f"`{flag}=False`; to combine both, compute the combination yourself and pass it."
-        )
-    return given
+    """The scale (or bias) a Flax layer's call uses: its own parameter, or the one given at call time."""
+    return axes_lib.call_time_param(own, given, name, layer, "use_scale" if name == "scale" else "use_bias")
 
 
 def _running_state(mean: jax.Array, var: jax.Array, x_dtype) -> BatchNormState:
