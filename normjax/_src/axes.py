@@ -189,9 +189,9 @@ def check_affine(param, x_shape: tuple[int, ...], feature_axes: tuple[int, ...],
             return
         per_example = tuple(n if a == 0 or a in feature_axes else 1 for a, n in enumerate(x_shape))
         raise ValueError(
-            f"`{name}` of shape {tuple(got)} does not broadcast to x's shape {tuple(x_shape)}. Give it shape "
-            f"{feature_shape} ({what}), or x's rank with size-1 axes where it does not vary for one value per "
-            f"example, e.g. {per_example}."
+            f"`{name}` must have shape {feature_shape} ({what}), or x's rank and broadcast to x's shape "
+            f"{tuple(x_shape)} (per example, size 1 where it does not vary, e.g. {per_example}); got shape "
+            f"{tuple(got)}, which does not broadcast. Reshape it, or change `axis` to match it."
         )
     check_param(param, feature_shape, name, what)
 

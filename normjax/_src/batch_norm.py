@@ -69,7 +69,8 @@ def batch_norm(
       axis_name: name(s) of mapped axes over which the batch statistics are synchronized (exact for uneven
         per-device counts).
       axis_index_groups: optional groups of device indices along ``axis_name`` synchronized separately.
-      mask: optional boolean array broadcastable to ``x``; False elements are ignored.
+      mask: optional boolean array broadcastable to ``x``; False elements are ignored by the statistics, and
+        one that is not finite (padding) outputs ``bias``, in evaluation too.
       unbiased_running_var: store the unbiased batch variance ``n/(n-1) * var`` in the running variance.
       skip_nonfinite: keep the old running value of a feature whose batch statistics are NaN or infinite.
       allow_single_value: allow training when each feature sees a single value (the statistics are then
@@ -133,7 +134,9 @@ def batch_norm(
     if not training:
         mean = as_feature(state.mean, ndim, feature_axes)
         var = as_feature(state.var, ndim, feature_axes)
-        y = normalize(x, mean, var, scale, bias, epsilon=epsilon, feature_axes=feature_axes, scale_offset=scale_offset)
+        y = normalize(
+            x, mean, var, scale, bias, epsilon=epsilon, feature_axes=feature_axes, scale_offset=scale_offset, mask=mask
+        )
         if zero_masked_outputs and mask is not None:
             y = zero_masked(y, jnp.broadcast_to(mask, x.shape))
         return y, state

@@ -20,6 +20,7 @@ def normalize(
     feature_axes: axes_lib.Axes = -1,
     dtype=None,
     scale_offset: float = 0.0,
+    mask: jax.Array | None = None,
 ) -> jax.Array:
     r"""Standardizes ``x`` with given moments and applies an optional affine transform.
 
@@ -40,6 +41,8 @@ def normalize(
       feature_axes: the axes of ``x`` that ``scale`` and ``bias`` run along.
       dtype: the output dtype; defaults to ``x.dtype``.
       scale_offset: :math:`c`, added to ``scale`` in float32 or wider: 1.0 for a zero-centered scale.
+      mask: optional boolean array broadcastable to ``x``: a masked-out position that is not finite (padding)
+        outputs ``bias`` and reaches no derivative, as in the norms; the others are standardized.
 
     Returns:
       The normalized array, of ``x``'s shape.
@@ -60,6 +63,7 @@ def normalize(
     axes_lib.check_affine(scale, x.shape, feature_axes, "scale", what)
     axes_lib.check_affine(bias, x.shape, feature_axes, "bias", what)
     axes_lib.check_scale_offset(scale_offset, scale)
+    axes_lib.check_mask(mask, x.shape)
     # -- argument checks (axes.py) --
     axes_lib.check_moment_array(mean, "mean", x.shape)
     axes_lib.check_moment_array(var, "var", x.shape, real=True)
@@ -72,4 +76,5 @@ def normalize(
     inv_std = jax.lax.rsqrt(jnp.asarray(var, jnp.finfo(compute_dtype).dtype) + epsilon)
     gamma = offset_scale(as_affine(scale, ndim, feature_axes), scale_offset, inv_std.dtype)
     beta = as_affine(bias, ndim, feature_axes)
-    return standardized_output(x.astype(compute_dtype), mean, inv_std, gamma, beta).astype(out_dtype)
+    mask = None if mask is None else jnp.broadcast_to(mask, x.shape)
+    return standardized_output(x.astype(compute_dtype), mean, inv_std, gamma, beta, mask).astype(out_dtype)

@@ -71,7 +71,7 @@ class _Spec(NamedTuple):
     axis_index_groups: object
     out_dtype: object
     layout: str
-    scale_offset: float
+    scale_offset: float = 0.0
 
 
 def as_feature(param: jax.Array, ndim: int, feature_axes: tuple[int, ...]) -> jax.Array:
