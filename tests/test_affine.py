@@ -272,6 +272,20 @@ def test_linen_and_nnx_layers_take_the_offset_and_agree_bit_for_bit(name):
     np.testing.assert_array_equal(nnx_layer(x), y)
 
 
+def test_folding_a_zero_centered_batch_norm_keeps_the_offset():
+    x = _data((6, 3), (3,))[0]
+    dense = nn.Dense(4)
+    bn = njn.BatchNorm(use_running_average=True, scale_offset=1.0, scale_init=nn.initializers.zeros)
+    model = nn.Sequential([dense, bn])
+    variables = model.init(jax.random.key(0), x)
+    stats = {"mean": jnp.array([0.1, -0.2, 0.3, 0.0]), "var": jnp.array([0.5, 2.0, 1.5, 1.0])}
+    params = {**variables["params"], "layers_1": {"scale": jnp.array([0.1, -0.2, 0.0, 0.3]), "bias": jnp.ones(4)}}
+    variables = {"params": params, "batch_stats": {"layers_1": stats}}
+    folded = normjax.fold_batch_norm_variables(variables, {"layers_0": "layers_1"}, scale_offset=1.0)
+    y = nn.Dense(4).apply({"params": folded["params"]["layers_0"]}, x)
+    np.testing.assert_allclose(y, model.apply(variables, x), rtol=1e-5, atol=1e-5)
+
+
 # --- call-time (conditional) parameters in the layers
 
 
