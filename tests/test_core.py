@@ -250,13 +250,14 @@ _LAYOUT_CASES = {
 }
 
 
+@pytest.mark.parametrize("offset", [0.5, 100.0], ids=["sums-about-zero", "sums-about-the-sample"])
 @pytest.mark.parametrize("masked", [False, True], ids=["dense", "masked"])
 @pytest.mark.parametrize("name", sorted(_LAYOUT_CASES))
-def test_both_layouts_compute_the_same_values_and_gradients(name, masked):
+def test_both_layouts_compute_the_same_values_and_gradients(name, masked, offset):
     """The XLA:CPU layout only changes how XLA sees the work: values and gradients equal the generic layout's."""
     shape, reduction_axes, feature_axes, centered = _LAYOUT_CASES[name]
     rng = np.random.default_rng(23)
-    x = jnp.asarray(100.0 + rng.normal(size=shape), jnp.float32)
+    x = jnp.asarray(offset + rng.normal(size=shape), jnp.float32)
     feature_shape = tuple(shape[a] for a in feature_axes)
     s = jnp.asarray(rng.uniform(0.5, 1.5, feature_shape), jnp.float32)
     b = jnp.asarray(rng.normal(size=feature_shape), jnp.float32)
@@ -272,3 +273,18 @@ def test_both_layouts_compute_the_same_values_and_gradients(name, masked):
 
     for got, want in zip(run("xla_cpu"), run("generic"), strict=True):
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0, 1.7, 1e4])
+def test_xla_cpu_statistics_are_as_accurate_as_the_shifted_sums(offset):
+    """XLA:CPU sums about zero while mean^2 <= 3 var, else about the sample: within 4 eps of float64 either way."""
+    rng = np.random.default_rng(29)
+    x = np.float32(offset) + rng.normal(size=(512, 6)).astype(np.float32)
+    x[:, 5] = np.float32(offset + 0.25)  # a constant feature: exactly zero variance
+    spec = core._Spec((0,), (1,), True, None, None, jnp.dtype(jnp.float32), "xla_cpu")
+    epsilon = jnp.asarray(1e-5, jnp.float32)
+    _, mean, var, _ = jax.jit(lambda x: core._standardize(spec, x, None, None, None, epsilon, None))(x)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(var[0, :5], x64[:, :5].var(0), rtol=4 * np.finfo(np.float32).eps * np.sqrt(512))
+    np.testing.assert_allclose(mean[0], x64.mean(0), rtol=1e-6, atol=1e-6)
+    assert var[0, 5] == 0.0

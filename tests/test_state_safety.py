@@ -249,3 +249,22 @@ def test_a_variance_that_overflows_gives_nan_outputs_not_zeros(magnitude):
     np.testing.assert_array_equal(new_state.mean, state.mean)
     np.testing.assert_array_equal(new_state.var, state.var)
     assert np.all(np.isnan(nj.layer_norm(x.T)))
+
+
+@pytest.mark.parametrize("magnitude", [1e20, 1e30])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_a_mean_square_that_overflows_gives_nan_outputs_not_zeros(magnitude, dtype):
+    # rms_norm of finite values whose mean square overflows float32 (Flax and PyTorch return 0 there); the
+    # other rows are exact.
+    x = jnp.asarray([[1.0, -1.0, 3.0], [1.0, 2.0, 2.0]], jnp.float32) * jnp.asarray([[magnitude], [1.0]])
+    for fn in (nj.rms_norm, jax.jit(nj.rms_norm)):
+        y = fn(x.astype(dtype))
+        assert np.all(np.isnan(np.asarray(y[0], np.float32)))
+        np.testing.assert_allclose(
+            np.asarray(y[1], np.float32),
+            [1 / np.sqrt(3), 2 / np.sqrt(3), 2 / np.sqrt(3)],
+            rtol=1e-2 if dtype == jnp.bfloat16 else 1e-6,
+        )
+    from normjax import linen
+
+    assert np.all(np.isnan(np.asarray(linen.RMSNorm().apply({"params": {"scale": jnp.ones(3)}}, x)[0])))

@@ -21,6 +21,11 @@ reduction and full-size term but one is built on a private reshaped view (:func:
 and no temporary is written. One reduction and one term stay in the plain shape: two sibling reductions of one
 input on distinct views crash XLA:CPU's runtime (jax 0.10.2), and the term that stays plain is the fusion that
 adds the others.
+
+XLA:CPU also reduces ``x`` and ``x * x`` about twice as fast as ``x - shift`` and its square (a broadcast operand
+slows its reduction loops), so its statistics are first summed about zero (``about_zero_first``) and summed
+again about the sample shift only when those sums are not accurate: when ``mean^2 > 3 var`` for some statistic
+(see :func:`normjax._src.moments.shifted_moments`). GPU and TPU read ``x`` once either way and skip that test.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class Generic:
     """Plain ``jnp``: every expression in the input's own shape."""
 
     name = "generic"
+    about_zero_first = False
 
     def __init__(self, shape: tuple[int, ...], reduction_axes: tuple[int, ...], vary):
         self.shape = tuple(shape)
@@ -57,6 +63,7 @@ class XlaCpu(Generic):
     """Each reduction and each full-size term on its own view, so XLA:CPU fuses it and shares nothing."""
 
     name = "xla_cpu"
+    about_zero_first = True
 
     def __init__(self, shape, reduction_axes, vary):
         super().__init__(shape, reduction_axes, vary)

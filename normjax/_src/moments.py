@@ -31,6 +31,9 @@ import jax.numpy as jnp
 
 from normjax._src import axes as axes_lib
 
+# Sums about zero are used (``about_zero_first``) only while mean^2 <= (WELL_CONDITIONED - 1) * var.
+WELL_CONDITIONED = 4.0
+
 
 class Moments(NamedTuple):
     """Statistics of the valid elements of an array over some axes.
@@ -105,6 +108,7 @@ def shifted_moments(
     centered: bool,
     total,
     sample_from: jax.Array | None = None,
+    about_zero_first: bool = False,
 ) -> ShiftedMoments:
     """One device's statistics of ``x`` (in its statistics dtype) over ``axes``, keepdims.
 
@@ -130,15 +134,38 @@ def shifted_moments(
         m2 = total(lambda x, m=None: valid(abs_square(x), m), operands)
         zero = jnp.zeros(small, x.dtype)
         return ShiftedMoments(count, zero, zero, m2)
+
+    def sums(shift):
+        """The sums of ``x - shift`` and of its square over ``axes``; of ``x`` and its square for ``shift`` None."""
+        if shift is None:
+            return (
+                total(lambda x, m=None: valid(x, m), operands),
+                total(lambda x, m=None: valid(abs_square(x), m), operands),
+            )
+        shifted = (x, shift) + operands[1:]
+        return (
+            total(lambda x, k, m=None: valid(x - k, m), shifted),
+            total(lambda x, k, m=None: valid(abs_square(x - k), m), shifted),
+        )
+
+    def about(shift, s1, s2):
+        offset = s1 / jnp.maximum(count, 1)
+        m2 = jnp.maximum(s2 - jnp.real(s1 * jnp.conj(offset)), 0)
+        return ShiftedMoments(count, shift, offset, m2)
+
     shift = None if mask is not None else sample_shift(x if sample_from is None else sample_from, axes)
     shift = None if shift is None else shift.astype(x.dtype)
     if shift is None:  # a masked sample could be padding (NaN): shift by the mean of the valid elements
         shift = jax.lax.stop_gradient(total(lambda x, m=None: valid(x, m), operands) / jnp.maximum(count, 1))
-    s1 = total(lambda x, k, m=None: valid(x - k, m), (x, shift) + operands[1:])
-    s2 = total(lambda x, k, m=None: valid(abs_square(x - k), m), (x, shift) + operands[1:])
-    offset = s1 / jnp.maximum(count, 1)
-    m2 = jnp.maximum(s2 - jnp.real(s1 * jnp.conj(offset)), 0)
-    return ShiftedMoments(count, shift, offset, m2)
+    if not about_zero_first or mask is not None or jnp.iscomplexobj(x):
+        return about(shift, *sums(shift))
+    s1, s2 = sums(None)
+    unshifted = about(jnp.zeros(small, x.dtype), s1, s2)
+    # The relative rounding error of M2 from sums about zero is about eps * s2 / M2 = eps * (1 + mean^2 / var): at
+    # most WELL_CONDITIONED * eps where this holds, against the shifted sums' 2 eps. Otherwise (a large mean, a
+    # constant feature, a non-finite value) the sums are taken again about the sample.
+    well_conditioned = jnp.all(s2 <= WELL_CONDITIONED * unshifted.m2)
+    return jax.lax.cond(well_conditioned, lambda: unshifted, lambda: about(shift, *sums(shift)))
 
 
 @contextlib.contextmanager

@@ -248,21 +248,33 @@ def standardized_output(x, mean, inv_std, gamma=None, beta=None, mask=None):
     return y if beta is None else y + beta
 
 
+def _nan_if_overflowed(t):
+    """``t``, or NaN where it overflowed to inf, so the outputs are NaN there rather than ``x * rsqrt(inf) = 0``.
+
+    A variance or mean square overflows for finite inputs (float32 values around 1e19 and beyond). ``rem(t,
+    max)`` is exactly ``t`` for every finite ``t`` below the largest float and NaN for inf; being one operation
+    on one operand, it keeps XLA's GPU normalization fusion (RMSNorm's whole forward) one kernel, which a select
+    or a second use of ``t`` would split in three.
+    """
+    return jax.lax.rem(t, jnp.asarray(jnp.finfo(t.dtype).max, t.dtype))
+
+
 def _forward(spec: _Spec, x, scale, bias, mask, epsilon, renorm):
     """The primal computation; also returns what the tangent rule reuses."""
     xf = x.astype(axes_lib.stats_dtype(x.dtype))
     layout = _layout(spec, xf)
     local = shifted_moments(
-        xf, spec.reduction_axes, mask=mask, centered=spec.centered, total=layout.total, sample_from=x
+        xf,
+        spec.reduction_axes,
+        mask=mask,
+        centered=spec.centered,
+        total=layout.total,
+        sample_from=x,
+        about_zero_first=layout.about_zero_first,
     )
     own, common = merge_across_devices(local, spec.axis_name, spec.axis_index_groups, centered=spec.centered)
     moments = common.moments()
-    inv_std = jax.lax.rsqrt(moments.var + epsilon)
-    if spec.centered:
-        # A variance that overflowed (finite inputs around 1e20 and beyond in float32) would make every output 0:
-        # rsqrt is 0 only there, and 0 / 0 is NaN, so the output is NaN there instead and the loss shows it. Not
-        # for RMSNorm: any extra operation splits its forward, one kernel on XLA's GPU compiler, in three.
-        inv_std = inv_std + 0.0 / inv_std
+    inv_std = jax.lax.rsqrt(_nan_if_overflowed(moments.var + epsilon))
     r, d = _renorm_factors(spec, x.ndim, moments, epsilon, renorm)
     gamma = offset_scale(as_affine(scale, x.ndim, spec.feature_axes), spec.scale_offset, inv_std.dtype)
     gamma, beta = _affine(gamma, as_affine(bias, x.ndim, spec.feature_axes), r, d)
