@@ -191,7 +191,7 @@ def check_affine(param, x_shape: tuple[int, ...], feature_axes: tuple[int, ...],
         raise ValueError(
             f"`{name}` must have shape {feature_shape} ({what}), or x's rank and broadcast to x's shape "
             f"{tuple(x_shape)} (per example, size 1 where it does not vary, e.g. {per_example}); got shape "
-            f"{tuple(got)}, which does not broadcast. Reshape it, or change `axis` to match it."
+            f"{tuple(got)}, which does not broadcast. Give it one of these shapes, or change `axis` to match it."
         )
     check_param(param, feature_shape, name, what)
 
