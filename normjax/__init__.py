@@ -1,7 +1,7 @@
 """normjax: every normalization for JAX, from one stable, synchronized, axis-parametrized core."""
 
 from normjax._src.batch_norm import batch_norm
-from normjax._src.example_norms import group_norm, instance_norm, layer_norm, rms_norm
+from normjax._src.example_norms import gated_rms_norm, group_norm, instance_norm, layer_norm, rms_norm
 from normjax._src.moments import Moments, moments
 from normjax._src.normalize import normalize
 from normjax._src.state import BatchNormState, init_batch_norm_state
@@ -16,6 +16,7 @@ from normjax._src.utils.optax_masks import (
 from normjax._src.utils.precise_stats import precise_batch_stats
 from normjax._src.utils.replicas import average_replicas, sync_batch_stats
 from normjax._src.utils.torch_interop import momentum_from_torch, momentum_to_torch, norm_variables_from_torch
+from normjax._src.weight_standardization import weight_standardize
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,7 @@ __all__ = [
     "fold_batch_norm_variables",
     "freeze_batch_norm",
     "freeze_batch_norm_nnx",
+    "gated_rms_norm",
     "group_norm",
     "init_batch_norm_state",
     "instance_norm",
@@ -45,4 +47,5 @@ __all__ = [
     "stop_gradient_where",
     "sync_batch_stats",
     "weight_decay_mask",
+    "weight_standardize",
 ]

@@ -121,6 +121,27 @@ def test_gemma_order_is_bit_exact_with_its_float32_scale(x_dtype):
 
 
 @pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32])
+def test_gemma_order_is_bit_exact_with_scale_offset(x_dtype):
+    """``scale_offset=1.0`` forms ``1 + w`` in float32 before the casting order: Gemma's checkpoint as it is.
+
+    The weights are small, as a trained zero-centered weight is, so ``1 + w`` is not a bfloat16 number.
+    """
+    x = _data((16, D), x_dtype, seed=3)
+    w = jnp.asarray(np.random.default_rng(18).normal(0.0, 0.05, D), jnp.bfloat16)
+    want = gemma(x, w)
+    assert mismatch(normjax.rms_norm(x, 1 + w, epsilon=EPS, normalized_dtype=jnp.float32), want) > 0.05
+    options = dict(normalized_dtype=jnp.float32, scale_offset=1.0)
+    assert_bit_exact(jax.jit(lambda x, w: normjax.rms_norm(x, w, epsilon=EPS, **options))(x, w), want)
+    linen_y = njn.RMSNorm(epsilon=EPS, param_dtype=jnp.bfloat16, **options).apply({"params": {"scale": w}}, x)
+    assert_bit_exact(linen_y, want)
+    nnx_layer = njx.RMSNorm(D, epsilon=EPS, param_dtype=jnp.bfloat16, **options, rngs=nnx.Rngs(0))
+    nnx_layer.scale[...] = w
+    assert_bit_exact(nnx_layer(x), want)
+    eqx_layer = nqx.RMSNorm(D, eps=EPS, use_bias=False, dtype=jnp.bfloat16, **options)
+    assert_bit_exact(jax.vmap(eqx.tree_at(lambda m: m.weight, eqx_layer, w))(x), want)
+
+
+@pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32])
 def test_default_order_is_flax_order_bit_exact(x_dtype):
     x, w = _data((16, D), x_dtype, seed=4), _weight(jnp.float32)
     b = _weight(jnp.float32, seed=5)

@@ -51,7 +51,7 @@ NORMS = {  # each norm with valid defaults, traced on IMG
 CASES = [
     # Shape and rank of scale, bias and the running state versus the feature axes of x.
     ("bn-scale-shape", bn(scale=jnp.ones(5)), X, ValueError, "scale"),
-    ("bn-scale-rank", bn(scale=jnp.ones((1, 6))), X, ValueError, "scale"),
+    ("bn-scale-rank", bn(scale=jnp.ones((1, 1, 6))), X, ValueError, "scale"),
     ("bn-bias-shape", bn(bias=jnp.ones(7)), X, ValueError, "bias"),
     ("bn-eval-scale-shape", bn(training=False, scale=jnp.ones(5)), X, ValueError, "scale"),
     ("bn-state-mean-shape", bn(state=nj.BatchNormState(jnp.zeros(5), jnp.ones(6))), X, ValueError, "state.mean"),

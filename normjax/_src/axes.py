@@ -196,6 +196,89 @@ def check_param(param: Any, expected: tuple[int, ...], name: str, what: str) -> 
         )
 
 
+def check_affine(param: Any, x_shape: tuple[int, ...], feature_axes: tuple[int, ...], name: str, what: str) -> None:
+    """Raises unless `param` (a scale or bias) is None, per feature, or per example.
+
+    Per feature: exactly the shape of ``x`` along the (canonical) ``feature_axes``. Per example (conditional
+    normalization: AdaLN, FiLM, class-conditional BatchNorm): ``x``'s rank, broadcastable to ``x``, e.g.
+    ``(B, 1, D)`` for a ``(B, T, D)`` input. Lower ranks are refused: they would be ambiguous with the first form.
+    """
+    if param is None:
+        return
+    feature_shape = tuple(x_shape[a] for a in feature_axes)
+    got = jnp.shape(param) if not isinstance(param, list | tuple) else None
+    if got is not None and len(got) == len(x_shape) and tuple(got) != feature_shape:
+        _check_array_like(param, name)
+        _check_numeric(param, name)
+        try:
+            broadcast = jnp.broadcast_shapes(got, tuple(x_shape))
+        except ValueError:
+            broadcast = None
+        if broadcast == tuple(x_shape):
+            return
+        per_example = tuple(n if a == 0 or a in feature_axes else 1 for a, n in enumerate(x_shape))
+        raise ValueError(
+            f"`{name}` must have shape {feature_shape} ({what}), or x's rank and broadcast to x's shape "
+            f"{tuple(x_shape)} (per example, size 1 where it does not vary, e.g. {per_example}); got shape "
+            f"{tuple(got)}, which does not broadcast. Give it one of these shapes, or change `axis` to match it."
+        )
+    check_param(param, feature_shape, name, what)
+
+
+def call_time_param(own: Any, given: Any, name: str, layer: str, flag: str) -> Any:
+    """The scale (or bias) a layer's call uses: its own parameter, or the one given at call time.
+
+    A layer with its own parameter refuses a call-time one (as Haiku's layers do) rather than guess whether to
+    multiply, add or replace; conditional normalization (AdaLN, FiLM, class-conditional BatchNorm) builds the layer
+    without it (``flag=False``) and passes it at each call.
+    """
+    if given is None:
+        return own
+    if own is not None:
+        raise ValueError(
+            f"{layer} has its own `{name}` parameter ({flag}=True), and a `{name}` was also given at call time. "
+            f"To normalize with a call-time (e.g. per-example, conditional) `{name}`, build the layer with "
+            f"`{flag}=False`; to combine both, compute the combination yourself and pass it."
+        )
+    return given
+
+
+def check_gate(gate: Any, x_shape: tuple[int, ...]) -> None:
+    """Raises unless `gate` is a floating-point array broadcastable to x's shape."""
+    check_inexact(gate, "gate")
+    try:
+        broadcast = jnp.broadcast_shapes(jnp.shape(gate), tuple(x_shape))
+    except ValueError:
+        broadcast = None
+    if broadcast != tuple(x_shape):
+        raise ValueError(
+            f"`gate` of shape {jnp.shape(gate)} does not broadcast to x's shape {tuple(x_shape)}. Pass the gate "
+            "branch's activations, of x's shape (Mamba-2's z)."
+        )
+
+
+def check_scale_offset(scale_offset: Any, scale: Any) -> None:
+    """Raises unless `scale_offset` is a static real number, and nonzero only when there is a `scale` to offset."""
+    hint = (
+        "Pass `scale_offset=1.0` for a zero-centered scale (Gemma: y = x_hat * (1 + scale)), or 0.0 (the default) "
+        "for y = x_hat * scale."
+    )
+    value = _static_scalar(scale_offset, "scale_offset", "a Python float known at trace time", hint)
+    if value is None:
+        raise TypeError(
+            f"`scale_offset` must be a Python float known at trace time, got a traced value. It is a property of "
+            f"the parameterization (like a checkpoint's convention), not data. {hint}"
+        )
+    if not math.isfinite(value):
+        raise ValueError(f"`scale_offset` must be finite, got {scale_offset!r}. {hint}")
+    if value and scale is None:
+        raise ValueError(
+            f"`scale_offset`={scale_offset!r} offsets `scale`, but no `scale` was given, so the output would be "
+            f"multiplied by {value!r}. Pass the (zero-centered) `scale` too, or leave `scale_offset` at 0.0. In a "
+            "layer with `use_scale=False`, pass the scale at call time (`layer(x, scale=...)`)."
+        )
+
+
 def check_state(state: Any, feature_shape: tuple[int, ...], x_dtype: DTypeLike, what: str) -> None:
     """Raises unless `state` holds running statistics usable for an input of dtype `x_dtype`.
 

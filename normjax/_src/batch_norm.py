@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from normjax._src import axes as axes_lib
 from normjax._src.normalize import normalize
-from normjax._src.standardize import Renorm, as_feature, standardize
+from normjax._src.standardize import Renorm, as_feature, standardize, zero_masked
 from normjax._src.state import BatchNormState, ema_update
 
 
@@ -32,6 +32,8 @@ def batch_norm(
     renorm_warmup_steps: int = 0,
     dtype=None,
     normalized_dtype=None,
+    scale_offset: float = 0.0,
+    zero_masked_outputs: bool = False,
 ) -> tuple[jax.Array, BatchNormState]:
     r"""Batch Normalization (Ioffe & Szegedy, 2015), a pure function of the input and the running state.
 
@@ -60,8 +62,9 @@ def batch_norm(
     Args:
       x: the input, e.g. ``(N, C)``, ``(N, H, W, C)`` or ``(C,)`` per example under ``vmap``.
       state: the running statistics, a :class:`BatchNormState` with the feature axes' shape.
-      scale: optional :math:`\gamma`, of the feature axes' shape.
-      bias: optional :math:`\beta`, of the feature axes' shape.
+      scale: optional :math:`\gamma`, of the feature axes' shape, or per example (class-conditional BatchNorm):
+        of ``x``'s rank, broadcastable to ``x``, e.g. ``(N, 1, 1, C)`` for ``(N, H, W, C)``.
+      bias: optional :math:`\beta`, likewise.
       training: use batch statistics and update the state (True), or the running statistics (False).
       momentum: weight of the old running value, in [0, 1].
       epsilon: a small positive number added to the variance.
@@ -69,7 +72,8 @@ def batch_norm(
       axis_name: name(s) of mapped axes over which the batch statistics are synchronized (exact for uneven
         per-device counts).
       axis_index_groups: optional groups of device indices along ``axis_name`` synchronized separately.
-      mask: optional boolean array broadcastable to ``x``; False elements are ignored.
+      mask: optional boolean array broadcastable to ``x``; False elements are ignored by the statistics, and
+        one that is not finite (padding) outputs ``bias``, in evaluation too.
       unbiased_running_var: store the unbiased batch variance ``n/(n-1) * var`` in the running variance.
       skip_nonfinite: keep the old running value of a feature whose batch statistics are NaN or infinite.
       allow_single_value: allow training when each feature sees a single value (the statistics are then
@@ -89,6 +93,10 @@ def batch_norm(
       dtype: the output dtype; defaults to ``x``'s (float32 for an 8-bit float ``x``).
       normalized_dtype: the casting order: None (default) computes the affine in float32 and rounds once;
         a dtype rounds :math:`\hat x` to it before the affine (see the numerics guide).
+      scale_offset: a constant added to ``scale`` (in float32 or wider): ``1.0`` for a zero-centered scale,
+        :math:`y = \hat x\,(1 + \gamma) + \beta`, as BigGAN's class-conditional gains.
+      zero_masked_outputs: output 0 where ``mask`` is False (else those positions are standardized with the
+        valid elements' statistics); no effect without a mask.
 
     Returns:
       ``(y, new_state)``: the output and the new running statistics, whose ``count`` (when not None) grows
@@ -127,8 +135,10 @@ def batch_norm(
     feature_axes = axes_lib.canonicalize_axes(axis, ndim, "axis")
     feature_shape = tuple(x.shape[a] for a in feature_axes)
     what = f"one value per feature along axis {feature_axes}"
-    axes_lib.check_param(scale, feature_shape, "scale", what)
-    axes_lib.check_param(bias, feature_shape, "bias", what)
+    axes_lib.check_affine(scale, x.shape, feature_axes, "scale", what)
+    axes_lib.check_affine(bias, x.shape, feature_axes, "bias", what)
+    axes_lib.check_scale_offset(scale_offset, scale)
+    axes_lib.check_static_bool(zero_masked_outputs, "zero_masked_outputs")
     axes_lib.check_state(state, feature_shape, x.dtype, what)
     axes_lib.check_mask(mask, jnp.shape(x))
     axes_lib.check_renorm_clipping(renorm_clipping)
@@ -138,7 +148,12 @@ def batch_norm(
     if not training:
         mean = as_feature(state.mean, ndim, feature_axes)
         var = as_feature(state.var, ndim, feature_axes)
-        y = normalize(x, mean, var, scale, bias, epsilon=epsilon, feature_axes=feature_axes, **casting)
+        y = normalize(
+            x, mean, var, scale, bias, epsilon=epsilon, feature_axes=feature_axes, scale_offset=scale_offset, mask=mask,
+            **casting,
+        )  # fmt: skip
+        if zero_masked_outputs and mask is not None:
+            y = zero_masked(y, jnp.broadcast_to(mask, x.shape))
         return y, state
 
     if virtual_batch_size is not None:
@@ -146,7 +161,8 @@ def batch_norm(
             x, state, scale, bias, feature_axes=feature_axes, momentum=momentum, epsilon=epsilon,
             axis_name=axis_name, mask=mask, unbiased_running_var=unbiased_running_var,
             skip_nonfinite=skip_nonfinite, allow_single_value=allow_single_value,
-            virtual_batch_size=virtual_batch_size, renorm_clipping=renorm_clipping, **casting,
+            virtual_batch_size=virtual_batch_size, renorm_clipping=renorm_clipping, scale_offset=scale_offset,
+            zero_masked_outputs=zero_masked_outputs, **casting,
         )  # fmt: skip
 
     reduction_axes = axes_lib.complement(feature_axes, ndim)
@@ -154,7 +170,8 @@ def batch_norm(
     y, stats = standardize(
         x, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes, epsilon=epsilon, mask=mask,
         axis_name=axis_name, axis_index_groups=axis_index_groups,
-        renorm=_renorm(state, renorm_clipping, renorm_warmup_steps), **casting,
+        renorm=_renorm(state, renorm_clipping, renorm_warmup_steps), scale_offset=scale_offset,
+        zero_masked_outputs=zero_masked_outputs, **casting,
     )  # fmt: skip
     squeeze = lambda a: jnp.reshape(a, feature_shape)  # noqa: E731
     new_state = _update_state(
@@ -200,7 +217,8 @@ def _update_state(state, mean, var, count, *, momentum, epsilon, unbiased_runnin
 
 def _ghost_batch_norm(
     x, state, scale, bias, *, feature_axes, momentum, epsilon, axis_name, mask, unbiased_running_var,
-    skip_nonfinite, allow_single_value, virtual_batch_size, renorm_clipping, dtype, normalized_dtype,
+    skip_nonfinite, allow_single_value, virtual_batch_size, renorm_clipping, dtype, normalized_dtype, scale_offset,
+    zero_masked_outputs,
 ):  # fmt: skip
     if 0 in feature_axes:
         raise ValueError(
@@ -219,8 +237,9 @@ def _ghost_batch_norm(
     reduction_axes = axes_lib.complement((0,) + grouped_features, xg.ndim)
     axes_lib.check_batch_norm_values(xg.shape, reduction_axes, mask_g, None, None, allow_single_value)
     y, stats = standardize(
-        xg, scale, bias, reduction_axes=reduction_axes, feature_axes=grouped_features, epsilon=epsilon, mask=mask_g,
-        dtype=dtype, normalized_dtype=normalized_dtype,
+        xg, _ghost_param(scale, grouped_shape), _ghost_param(bias, grouped_shape), reduction_axes=reduction_axes,
+        feature_axes=grouped_features, epsilon=epsilon, mask=mask_g, dtype=dtype, normalized_dtype=normalized_dtype,
+        scale_offset=scale_offset, zero_masked_outputs=zero_masked_outputs,
     )  # fmt: skip
 
     # The running statistics see the count-weighted average of the virtual batches' statistics.
@@ -240,3 +259,11 @@ def _ghost_batch_norm(
         skip_nonfinite=skip_nonfinite,
     )
     return jnp.reshape(y, x.shape), new_state
+
+
+def _ghost_param(param, grouped_shape):
+    """A per-example scale or bias split like ``x`` into (virtual batches, examples); per feature unchanged."""
+    if param is None or jnp.ndim(param) != len(grouped_shape) - 1:
+        return param
+    rest = jnp.shape(param)[1:]
+    return jnp.reshape(jnp.broadcast_to(param, (grouped_shape[0] * grouped_shape[1],) + rest), grouped_shape[:2] + rest)

@@ -26,7 +26,7 @@ except ImportError as error:  # an optional dependency: `import normjax` alone n
 
 from normjax._src import axes as axes_lib
 from normjax._src.batch_norm import batch_norm
-from normjax._src.example_norms import group_norm, instance_norm, layer_norm, rms_norm
+from normjax._src.example_norms import gated_rms_norm, group_norm, instance_norm, layer_norm, rms_norm
 from normjax._src.state import BatchNormState, init_batch_norm_state
 
 AxisName = Hashable | Sequence[Hashable]
@@ -48,6 +48,20 @@ def _static_flag(flag):
         return bool(flag)
     except jax.errors.ConcretizationTypeError:  # TracerBoolConversionError is one
         return flag
+
+
+def _initial_weight(shape, dtype, scale_offset: float) -> jax.Array:
+    """The weight at which ``weight + scale_offset`` is 1: ones, or zeros for a zero-centered weight."""
+    return jnp.full(shape, 1.0 - scale_offset, dtype)
+
+
+def _affine(layer: eqx.Module, weight, bias, flag: str) -> tuple[jax.Array | None, jax.Array | None]:
+    """The ``(weight, bias)`` a call uses: the layer's own, or those given at call time (conditional norms)."""
+    name = type(layer).__name__
+    return (
+        axes_lib.call_time_param(layer.weight, weight, "weight", name, flag.format("weight")),
+        axes_lib.call_time_param(layer.bias, bias, "bias", name, flag.format("bias")),
+    )
 
 
 def _per_example_error(layer: str, expected: str, shape: tuple[int, ...], fix: str) -> ValueError:
@@ -108,6 +122,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
         ``x``'s dtype (float32 for an 8-bit float ``x``); a dtype rounds the normalized values to it before the
         affine, which then runs in the promotion of it and ``dtype`` (HF Llama: the input dtype; see the
         numerics guide).
+      scale_offset: a constant :math:`c` added to ``weight`` in float32 or wider, :math:`\gamma + c`: ``1.0``
+        for a zero-centered weight (Gemma's :math:`1 + \gamma`). The ``weight`` starts at :math:`1 - c` (zeros
+        for ``1.0``), so the layer starts as the identity affine whatever the offset.
+      zero_masked_outputs: output 0 where the call's ``mask`` is False (in training and inference); no effect
+        without a mask.
 
     Example:
       >>> import equinox as eqx, jax, jax.numpy as jnp
@@ -138,6 +157,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
     renorm_clipping: tuple[float, float] | None = eqx.field(static=True)
     renorm_warmup_steps: int = eqx.field(static=True)
     normalized_dtype: object = eqx.field(static=True)
+    scale_offset: float = eqx.field(static=True)
+    zero_masked_outputs: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -153,6 +174,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
         renorm_clipping: tuple[float, float] | None = None,
         renorm_warmup_steps: int = 0,
         normalized_dtype=None,
+        scale_offset: float = 0.0,
+        zero_masked_outputs: bool = False,
     ):
         if mode != "batch":
             raise ValueError(
@@ -161,7 +184,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 "statistics while training, which makes training unstable; drop `mode` or pass mode='batch'."
             )
         dtype = _param_dtype(dtype)
-        self.weight = jnp.ones((input_size,), dtype) if channelwise_affine else None
+        self.weight = _initial_weight((input_size,), dtype, scale_offset) if channelwise_affine else None
         self.bias = jnp.zeros((input_size,), dtype) if channelwise_affine else None
         running = init_batch_norm_state(input_size, jnp.promote_types(dtype, jnp.float32))
         self.state_index = eqx.nn.StateIndex(running if renorm_warmup_steps else running._replace(count=None))
@@ -176,6 +199,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.renorm_clipping = None if renorm_clipping is None else tuple(renorm_clipping)
         self.renorm_warmup_steps = renorm_warmup_steps
         self.normalized_dtype = normalized_dtype
+        self.scale_offset = scale_offset
+        self.zero_masked_outputs = zero_masked_outputs
 
     @jax.named_scope("normjax.equinox.BatchNorm")
     def __call__(
@@ -186,8 +211,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
         key: jax.Array | None = None,
         inference: bool | None = None,
         mask: jax.Array | None = None,
+        weight: jax.Array | None = None,
+        bias: jax.Array | None = None,
     ) -> tuple[jax.Array, eqx.nn.State]:
-        """Normalizes one example; returns ``(y, state)`` with the running statistics updated in training.
+        r"""Normalizes one example; returns ``(y, state)`` with the running statistics updated in training.
 
         Args:
           x: one example, shape ``(input_size, *spatial)``.
@@ -196,7 +223,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
           key: ignored; accepted as by every Equinox layer.
           inference: overrides ``self.inference`` when not None.
           mask: optional boolean broadcastable to ``x``; False elements are left out of the batch statistics
-            (a scalar False leaves the whole example out, e.g. padding). Ignored in inference.
+            (a scalar False leaves the whole example out, e.g. padding). In inference it only matters with
+            ``zero_masked_outputs``.
+          weight: a call-time :math:`\gamma` (conditional normalization: AdaLN, FiLM, class-conditional gains), of
+            shape ``(input_size,)`` or broadcastable to ``x``; only for a layer built without one.
+          bias: a call-time :math:`\beta`, likewise.
 
         Returns:
           ``(y, state)``: ``y`` of ``x``'s shape and dtype, and the new state.
@@ -211,13 +242,15 @@ class BatchNorm(eqx.nn.StatefulLayer):
             )
         inference = _static_flag(self.inference if inference is None else inference)
         running = state.get(self.state_index)
+        weight, bias = _affine(self, weight, bias, "channelwise_affine")
 
         def normalize(training: bool) -> tuple[jax.Array, BatchNormState]:
             return batch_norm(
-                x, running, self.weight, self.bias, training=training, momentum=self.momentum, epsilon=self.eps,
+                x, running, weight, bias, training=training, momentum=self.momentum, epsilon=self.eps,
                 axis=0, axis_name=self.axis_name, mask=None if mask is None else jnp.asarray(mask, bool),
                 renorm_clipping=self.renorm_clipping, renorm_warmup_steps=self.renorm_warmup_steps,
-                normalized_dtype=self.normalized_dtype,
+                normalized_dtype=self.normalized_dtype, scale_offset=self.scale_offset,
+                zero_masked_outputs=self.zero_masked_outputs,
             )  # fmt: skip
 
         if isinstance(inference, bool):
@@ -250,6 +283,9 @@ class LayerNorm(eqx.Module):
         affine, which then runs in the promotion of it and ``dtype`` (HF Llama: the input dtype; see the
         numerics guide).
       elementwise_affine: Equinox's deprecated alias setting both ``use_weight`` and ``use_bias``.
+      scale_offset: a constant :math:`c` added to ``weight`` in float32 or wider, :math:`\gamma + c`: ``1.0``
+        for a zero-centered weight (Gemma's :math:`1 + \gamma`). The ``weight`` starts at :math:`1 - c` (zeros
+        for ``1.0``), so the layer starts as the identity affine whatever the offset.
 
     Example:
       >>> import jax.numpy as jnp
@@ -266,6 +302,7 @@ class LayerNorm(eqx.Module):
     normalized_dtype: object = eqx.field(static=True)
     use_weight: bool = eqx.field(static=True)
     use_bias: bool = eqx.field(static=True)
+    scale_offset: float = eqx.field(static=True)
     weight: jax.Array | None
     bias: jax.Array | None
 
@@ -279,6 +316,7 @@ class LayerNorm(eqx.Module):
         *,
         elementwise_affine: bool | None = None,
         normalized_dtype=None,
+        scale_offset: float = 0.0,
     ):
         if elementwise_affine is not None:
             use_weight = use_bias = elementwise_affine
@@ -287,23 +325,40 @@ class LayerNorm(eqx.Module):
         self.normalized_dtype = normalized_dtype
         self.use_weight = use_weight
         self.use_bias = use_bias
+        self.scale_offset = scale_offset
         dtype = _param_dtype(dtype)
-        self.weight = jnp.ones(self.shape, dtype) if use_weight else None
+        self.weight = _initial_weight(self.shape, dtype, scale_offset) if use_weight else None
         self.bias = jnp.zeros(self.shape, dtype) if use_bias else None
 
     @jax.named_scope("normjax.equinox.LayerNorm")
     def __call__(
-        self, x: jax.Array, state: eqx.nn.State | None = None, *, key: jax.Array | None = None
+        self,
+        x: jax.Array,
+        state: eqx.nn.State | None = None,
+        *,
+        key: jax.Array | None = None,
+        weight: jax.Array | None = None,
+        bias: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, eqx.nn.State]:
-        """Normalizes one example of shape ``shape``; returns ``y`` (and ``state`` unchanged, if given)."""
+        r"""Normalizes one example of shape ``shape``; returns ``y`` (and ``state`` unchanged, if given).
+
+        Args:
+          x: one example, of shape ``shape``.
+          state: passed through unchanged, if given.
+          key: ignored; accepted as by every Equinox layer.
+          weight: a call-time :math:`\gamma` (conditional normalization: AdaLN, FiLM, class-conditional gains), of
+            the shape of the layer's own; only for a layer built without one.
+          bias: a call-time :math:`\beta`, likewise.
+        """
         del key
         if jnp.shape(x) != self.shape:
             raise _per_example_error(
                 "LayerNorm", f"shape={self.shape}", jnp.shape(x), "Apply it per example with `jax.vmap(layer)(x)`."
             )
+        weight, bias = _affine(self, weight, bias, "use_{}")
         y = layer_norm(
-            x, self.weight, self.bias, axis=tuple(range(x.ndim)), epsilon=self.eps,
-            normalized_dtype=self.normalized_dtype,
+            x, weight, bias, axis=tuple(range(x.ndim)), epsilon=self.eps, normalized_dtype=self.normalized_dtype,
+            scale_offset=self.scale_offset,
         )  # fmt: skip
         return y if state is None else (y, state)
 
@@ -329,6 +384,11 @@ class RMSNorm(eqx.Module):
         ``x``'s dtype (float32 for an 8-bit float ``x``); a dtype rounds the normalized values to it before the
         affine, which then runs in the promotion of it and ``dtype`` (HF Llama: the input dtype; see the
         numerics guide).
+      scale_offset: a constant :math:`c` added to ``weight`` in float32 or wider, :math:`\gamma + c`: ``1.0``
+        for a zero-centered weight (Gemma's :math:`1 + \gamma`). The ``weight`` starts at :math:`1 - c` (zeros
+        for ``1.0``), so the layer starts as the identity affine whatever the offset.
+      norm_before_gate: with a call-time ``gate`` :math:`z`, normalize then gate (True, Qwen3-Next), or gate then
+        normalize (False, Mamba-2); see :func:`normjax.gated_rms_norm`.
 
     Example:
       >>> import jax.numpy as jnp
@@ -345,6 +405,8 @@ class RMSNorm(eqx.Module):
     normalized_dtype: object = eqx.field(static=True)
     use_weight: bool = eqx.field(static=True)
     use_bias: bool = eqx.field(static=True)
+    scale_offset: float = eqx.field(static=True)
+    norm_before_gate: bool = eqx.field(static=True)
     weight: jax.Array | None
     bias: jax.Array | None
 
@@ -357,37 +419,58 @@ class RMSNorm(eqx.Module):
         dtype=None,
         *,
         normalized_dtype=None,
+        scale_offset: float = 0.0,
+        norm_before_gate: bool = True,
     ):
+        self.norm_before_gate = norm_before_gate
         self.shape = (shape,) if isinstance(shape, int) else tuple(shape)
         self.eps = eps
         self.normalized_dtype = normalized_dtype
         self.use_weight = use_weight
         self.use_bias = use_bias
+        self.scale_offset = scale_offset
         dtype = _param_dtype(dtype)
-        self.weight = jnp.ones(self.shape, dtype) if use_weight else None
+        self.weight = _initial_weight(self.shape, dtype, scale_offset) if use_weight else None
         self.bias = jnp.zeros(self.shape, dtype) if use_bias else None
 
     @jax.named_scope("normjax.equinox.RMSNorm")
     def __call__(
-        self, x: jax.Array, state: eqx.nn.State | None = None, *, key: jax.Array | None = None
+        self,
+        x: jax.Array,
+        state: eqx.nn.State | None = None,
+        *,
+        key: jax.Array | None = None,
+        weight: jax.Array | None = None,
+        bias: jax.Array | None = None,
+        gate: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, eqx.nn.State]:
-        """Normalizes one example of shape ``shape``; returns ``y`` (and ``state`` unchanged, if given)."""
+        r"""Normalizes one example of shape ``shape``; returns ``y`` (and ``state`` unchanged, if given).
+
+        Args:
+          x: one example, of shape ``shape``.
+          state: passed through unchanged, if given.
+          key: ignored; accepted as by every Equinox layer.
+          weight: a call-time :math:`\gamma` (conditional normalization: AdaLN, FiLM, class-conditional gains), of
+            the shape of the layer's own; only for a layer built without one.
+          bias: a call-time :math:`\beta`, likewise.
+          gate: optional gate :math:`z` of ``x``'s shape: gated RMSNorm (see ``norm_before_gate``).
+        """
         del key
         if jnp.shape(x) != self.shape:
             raise _per_example_error(
                 "RMSNorm", f"shape={self.shape}", jnp.shape(x), "Apply it per example with `jax.vmap(layer)(x)`."
             )
-        axes = tuple(range(x.ndim))
-        if self.bias is None:
-            y = rms_norm(x, self.weight, axis=axes, epsilon=self.eps, normalized_dtype=self.normalized_dtype)
-        else:  # rms_norm has no shift: add it in the affine's dtype, before the single rounding to the output
-            out = axes_lib.output_dtype(x)
-            wide = axes_lib.stats_dtype(x.dtype)
-            if self.normalized_dtype is not None:
-                wide = axes_lib.promote_types(self.normalized_dtype, self.weight.dtype, self.bias.dtype)
-            normalized = self.normalized_dtype
-            y = rms_norm(x, self.weight, axis=axes, epsilon=self.eps, dtype=wide, normalized_dtype=normalized)
-            y = (y + self.bias.astype(wide)).astype(out)
+        weight, bias = _affine(self, weight, bias, "use_{}")
+        options = dict(
+            axis=tuple(range(x.ndim)),
+            epsilon=self.eps,
+            normalized_dtype=self.normalized_dtype,
+            scale_offset=self.scale_offset,
+        )
+        if gate is None:
+            y = rms_norm(x, weight, bias, **options)
+        else:
+            y = gated_rms_norm(x, gate, weight, bias, norm_before_gate=self.norm_before_gate, **options)
         return y if state is None else (y, state)
 
 
@@ -414,6 +497,9 @@ class GroupNorm(eqx.Module):
         ``x``'s dtype (float32 for an 8-bit float ``x``); a dtype rounds the normalized values to it before the
         affine, which then runs in the promotion of it and ``dtype`` (HF Llama: the input dtype; see the
         numerics guide).
+      scale_offset: a constant :math:`c` added to ``weight`` in float32 or wider, :math:`\gamma + c`: ``1.0``
+        for a zero-centered weight (Gemma's :math:`1 + \gamma`). The ``weight`` starts at :math:`1 - c` (zeros
+        for ``1.0``), so the layer starts as the identity affine whatever the offset.
 
     Example:
       >>> import jax.numpy as jnp
@@ -430,6 +516,7 @@ class GroupNorm(eqx.Module):
     eps: float = eqx.field(static=True)
     normalized_dtype: object = eqx.field(static=True)
     channelwise_affine: bool = eqx.field(static=True)
+    scale_offset: float = eqx.field(static=True)
     weight: jax.Array | None
     bias: jax.Array | None
 
@@ -442,6 +529,7 @@ class GroupNorm(eqx.Module):
         dtype=None,
         *,
         normalized_dtype=None,
+        scale_offset: float = 0.0,
     ):
         if not isinstance(groups, int) or groups < 1:
             raise ValueError(f"GroupNorm got groups={groups!r}; pass a positive int number of groups.")
@@ -460,15 +548,31 @@ class GroupNorm(eqx.Module):
         self.eps = eps
         self.normalized_dtype = normalized_dtype
         self.channelwise_affine = channelwise_affine
+        self.scale_offset = scale_offset
         dtype = _param_dtype(dtype)
-        self.weight = jnp.ones((channels,), dtype) if channelwise_affine else None
+        self.weight = _initial_weight((channels,), dtype, scale_offset) if channelwise_affine else None
         self.bias = jnp.zeros((channels,), dtype) if channelwise_affine else None
 
     @jax.named_scope("normjax.equinox.GroupNorm")
     def __call__(
-        self, x: jax.Array, state: eqx.nn.State | None = None, *, key: jax.Array | None = None
+        self,
+        x: jax.Array,
+        state: eqx.nn.State | None = None,
+        *,
+        key: jax.Array | None = None,
+        weight: jax.Array | None = None,
+        bias: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, eqx.nn.State]:
-        """Normalizes one example ``(channels, *spatial)``; returns ``y`` (and ``state`` unchanged, if given)."""
+        r"""Normalizes one example ``(channels, *spatial)``; returns ``y`` (and ``state`` unchanged, if given).
+
+        Args:
+          x: one example, ``(channels, *spatial)``.
+          state: passed through unchanged, if given.
+          key: ignored; accepted as by every Equinox layer.
+          weight: a call-time :math:`\gamma` (conditional normalization: AdaLN, FiLM, class-conditional gains), shape
+            ``(channels,)``; only for a layer built without one.
+          bias: a call-time :math:`\beta`, likewise.
+        """
         del key
         channels = "channels" if self.channels is None else self.channels
         if jnp.ndim(x) == 0 or (self.channels is not None and x.shape[0] != self.channels):
@@ -478,9 +582,10 @@ class GroupNorm(eqx.Module):
                 jnp.shape(x),
                 "Map it over the batch with `jax.vmap(layer)(x)`, and put the channels first.",
             )
+        weight, bias = _affine(self, weight, bias, "channelwise_affine")
         y = group_norm(
-            x[None], self.weight, self.bias, num_groups=self.groups, axis=1, epsilon=self.eps,
-            normalized_dtype=self.normalized_dtype,
+            x[None], weight, bias, num_groups=self.groups, axis=1, epsilon=self.eps,
+            normalized_dtype=self.normalized_dtype, scale_offset=self.scale_offset,
         )[0]  # fmt: skip
         return y if state is None else (y, state)
 
@@ -505,6 +610,9 @@ class InstanceNorm(eqx.Module):
         ``x``'s dtype (float32 for an 8-bit float ``x``); a dtype rounds the normalized values to it before the
         affine, which then runs in the promotion of it and ``dtype`` (HF Llama: the input dtype; see the
         numerics guide).
+      scale_offset: a constant :math:`c` added to ``weight`` in float32 or wider, :math:`\gamma + c`: ``1.0``
+        for a zero-centered weight (Gemma's :math:`1 + \gamma`). The ``weight`` starts at :math:`1 - c` (zeros
+        for ``1.0``), so the layer starts as the identity affine whatever the offset.
 
     Example:
       >>> import jax.numpy as jnp
@@ -521,25 +629,49 @@ class InstanceNorm(eqx.Module):
     eps: float = eqx.field(static=True)
     normalized_dtype: object = eqx.field(static=True)
     channelwise_affine: bool = eqx.field(static=True)
+    scale_offset: float = eqx.field(static=True)
     weight: jax.Array | None
     bias: jax.Array | None
 
     def __init__(
-        self, channels: int, eps: float = 1e-5, channelwise_affine: bool = True, dtype=None, *, normalized_dtype=None
+        self,
+        channels: int,
+        eps: float = 1e-5,
+        channelwise_affine: bool = True,
+        dtype=None,
+        *,
+        normalized_dtype=None,
+        scale_offset: float = 0.0,
     ):
         self.channels = channels
         self.eps = eps
         self.normalized_dtype = normalized_dtype
         self.channelwise_affine = channelwise_affine
+        self.scale_offset = scale_offset
         dtype = _param_dtype(dtype)
-        self.weight = jnp.ones((channels,), dtype) if channelwise_affine else None
+        self.weight = _initial_weight((channels,), dtype, scale_offset) if channelwise_affine else None
         self.bias = jnp.zeros((channels,), dtype) if channelwise_affine else None
 
     @jax.named_scope("normjax.equinox.InstanceNorm")
     def __call__(
-        self, x: jax.Array, state: eqx.nn.State | None = None, *, key: jax.Array | None = None
+        self,
+        x: jax.Array,
+        state: eqx.nn.State | None = None,
+        *,
+        key: jax.Array | None = None,
+        weight: jax.Array | None = None,
+        bias: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, eqx.nn.State]:
-        """Normalizes one example ``(channels, *spatial)``; returns ``y`` (and ``state`` unchanged, if given)."""
+        r"""Normalizes one example ``(channels, *spatial)``; returns ``y`` (and ``state`` unchanged, if given).
+
+        Args:
+          x: one example, ``(channels, *spatial)``.
+          state: passed through unchanged, if given.
+          key: ignored; accepted as by every Equinox layer.
+          weight: a call-time :math:`\gamma` (conditional normalization: AdaLN, FiLM, class-conditional gains), shape
+            ``(channels,)``; only for a layer built without one.
+          bias: a call-time :math:`\beta`, likewise.
+        """
         del key
         if jnp.ndim(x) < 2 or x.shape[0] != self.channels:
             raise _per_example_error(
@@ -549,7 +681,9 @@ class InstanceNorm(eqx.Module):
                 "Map it over the batch with `jax.vmap(layer)(x)`; each channel is normalized over its spatial "
                 "axes, so a single value per channel has nothing to normalize over.",
             )
+        weight, bias = _affine(self, weight, bias, "channelwise_affine")
         y = instance_norm(
-            x[None], self.weight, self.bias, axis=1, epsilon=self.eps, normalized_dtype=self.normalized_dtype
-        )[0]
+            x[None], weight, bias, axis=1, epsilon=self.eps, normalized_dtype=self.normalized_dtype,
+            scale_offset=self.scale_offset,
+        )[0]  # fmt: skip
         return y if state is None else (y, state)

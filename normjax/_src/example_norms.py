@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -22,6 +24,8 @@ def layer_norm(
     axis_index_groups=None,
     dtype=None,
     normalized_dtype=None,
+    scale_offset: float = 0.0,
+    zero_masked_outputs: bool = False,
 ) -> jax.Array:
     r"""Layer Normalization (Ba, Kiros & Hinton, 2016): standardize each example over ``axis``.
 
@@ -32,7 +36,8 @@ def layer_norm(
 
     Args:
       x: the input, e.g. ``(N, T, D)``.
-      scale: optional :math:`\gamma`, of the shape of ``x`` along ``feature_axes``.
+      scale: optional :math:`\gamma`, of the shape of ``x`` along ``feature_axes``, or per example:
+        of ``x``'s rank, broadcastable to ``x`` (e.g. ``(N, 1, D)`` for ``(N, T, D)``: AdaLN, FiLM).
       bias: optional :math:`\beta`, likewise.
       axis: the normalized axis or axes.
       epsilon: a small positive number added to the variance.
@@ -44,6 +49,10 @@ def layer_norm(
       normalized_dtype: the casting order: None (default) computes the affine in float32 and rounds once;
         a dtype rounds :math:`\hat x` to it before the affine, which then runs in the promotion of it and the
         parameters' dtypes (HF Llama: the input dtype; see the numerics guide).
+      scale_offset: a constant :math:`c` added to ``scale`` in float32 or wider, :math:`\gamma + c`:
+        ``1.0`` for a zero-centered scale (Gemma's :math:`1 + \gamma`, with ``scale`` initialized at 0).
+      zero_masked_outputs: output 0 where ``mask`` is False (else those positions are standardized with the
+        valid elements' statistics, as in Flax); no effect without a mask.
 
     Returns:
       The normalized array, in ``dtype``.
@@ -72,12 +81,15 @@ def layer_norm(
         axis_index_groups=axis_index_groups,
         dtype=dtype,
         normalized_dtype=normalized_dtype,
+        scale_offset=scale_offset,
+        zero_masked_outputs=zero_masked_outputs,
     )[0]
 
 
 def rms_norm(
     x: jax.Array,
     scale: jax.Array | None = None,
+    bias: jax.Array | None = None,
     *,
     axis: axes_lib.Axes = -1,
     epsilon: float = 1e-6,
@@ -87,26 +99,34 @@ def rms_norm(
     axis_index_groups=None,
     dtype=None,
     normalized_dtype=None,
+    scale_offset: float = 0.0,
+    zero_masked_outputs: bool = False,
 ) -> jax.Array:
     r"""Root Mean Square Layer Normalization (Zhang & Sennrich, 2019): rescale without centering.
 
     .. math::
 
-        y = \frac{x}{\sqrt{\frac{1}{n}\sum_i x_i^2 + \epsilon}}\,\gamma
+        y = \frac{x}{\sqrt{\frac{1}{n}\sum_i x_i^2 + \epsilon}}\,\gamma + \beta
 
     Args:
       x: the input.
-      scale: optional :math:`\gamma`, of the shape of ``x`` along ``feature_axes``.
+      scale: optional :math:`\gamma`, of the shape of ``x`` along ``feature_axes``, or per example:
+        of ``x``'s rank, broadcastable to ``x`` (e.g. ``(N, 1, D)`` for ``(N, T, D)``: AdaLN, FiLM).
+      bias: optional :math:`\beta` (Equinox's RMSNorm has one; most others do not), likewise.
       axis: the normalized axis or axes.
       epsilon: a small positive number added to the mean square.
       mask: optional boolean array broadcastable to ``x``.
-      feature_axes: the axes ``scale`` runs along; defaults to ``axis``.
+      feature_axes: the axes ``scale`` and ``bias`` run along; defaults to ``axis``.
       axis_name: optional mapped axis over which the statistics are also reduced.
       axis_index_groups: optional groups along ``axis_name``.
       dtype: the output dtype; defaults to ``x``'s (float32 for an 8-bit float ``x``).
       normalized_dtype: the casting order: None (default) computes the affine in float32 and rounds once;
         a dtype rounds :math:`\hat x` to it before the affine, which then runs in the promotion of it and the
         parameters' dtypes (HF Llama: the input dtype; see the numerics guide).
+      scale_offset: a constant :math:`c` added to ``scale`` in float32 or wider, :math:`\gamma + c`:
+        ``1.0`` for a zero-centered scale (Gemma's :math:`1 + \gamma`, with ``scale`` initialized at 0).
+      zero_masked_outputs: output 0 where ``mask`` is False (else those positions are standardized with the
+        valid elements' statistics, as in Flax); no effect without a mask.
 
     Returns:
       The normalized array, in ``dtype``.
@@ -126,7 +146,7 @@ def rms_norm(
     return standardize(
         x,
         scale,
-        None,
+        bias,
         reduction_axes=axis,
         feature_axes=axis if feature_axes is None else feature_axes,
         epsilon=epsilon,
@@ -136,7 +156,103 @@ def rms_norm(
         axis_index_groups=axis_index_groups,
         dtype=dtype,
         normalized_dtype=normalized_dtype,
+        scale_offset=scale_offset,
+        zero_masked_outputs=zero_masked_outputs,
     )[0]
+
+
+def gated_rms_norm(
+    x: jax.Array,
+    gate: jax.Array,
+    scale: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    *,
+    norm_before_gate: bool = True,
+    axis: axes_lib.Axes = -1,
+    epsilon: float = 1e-6,
+    mask: jax.Array | None = None,
+    feature_axes: axes_lib.Axes | None = None,
+    axis_name: axes_lib.AxisName = None,
+    axis_index_groups=None,
+    dtype=None,
+    normalized_dtype=None,
+    scale_offset: float = 0.0,
+    zero_masked_outputs: bool = False,
+) -> jax.Array:
+    r"""Gated RMSNorm (Mamba-2, Qwen3-Next): :func:`rms_norm` and a SiLU gate, in either order.
+
+    .. math::
+
+        \text{norm\_before\_gate:}\quad y = \bigl(\mathrm{RMSNorm}(x)\,\gamma + \beta\bigr) \cdot
+        \mathrm{silu}(z), \qquad
+        \text{otherwise:}\quad y = \mathrm{RMSNorm}\bigl(x \cdot \mathrm{silu}(z)\bigr)\,\gamma + \beta
+
+    Qwen3-Next's ``RMSNormGated`` normalizes, then gates (``norm_before_gate=True``, the default, as in
+    ``mamba_ssm``'s ``RMSNorm``, whose reference places the bias as above); Mamba-2's mixer gates, then
+    normalizes (``norm_before_gate=False``). The gate, the product and the normalization run in float32 or wider;
+    the output is rounded once, to ``dtype``. With ``normalized_dtype=x.dtype`` and ``norm_before_gate=True`` the
+    order is Qwen3-Next's: ``weight * x_hat.to(input_dtype)``, then the gate in float32.
+
+    Args:
+      x: the input, e.g. ``(N, T, D)``.
+      gate: :math:`z`, of ``x``'s shape (or broadcastable to it), any floating dtype.
+      scale: optional :math:`\gamma`, of the shape of ``x`` along ``feature_axes``, or per example (see
+        :func:`rms_norm`).
+      bias: optional :math:`\beta`, likewise.
+      norm_before_gate: normalize then gate (True), or gate then normalize (False).
+      axis: the normalized axis or axes.
+      epsilon: a small positive number added to the mean square.
+      mask: optional boolean array broadcastable to ``x``; False elements are left out of the statistics.
+      feature_axes: the axes ``scale`` runs along; defaults to ``axis``.
+      axis_name: optional mapped axis over which the statistics are also reduced.
+      axis_index_groups: optional groups along ``axis_name``.
+      dtype: the output dtype; defaults to ``x``'s (float32 for an 8-bit float ``x``).
+      normalized_dtype: the casting order of the normalization (see :func:`rms_norm`); None (default) computes
+        the affine in float32.
+      scale_offset: a constant added to ``scale`` (``1.0`` for a zero-centered scale).
+      zero_masked_outputs: output 0 where ``mask`` is False; no effect without a mask.
+
+    Returns:
+      The gated, normalized array, in ``dtype``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import normjax
+      >>> x, z = jnp.array([[3.0, -3.0]]), jnp.array([[0.0, 40.0]])
+      >>> normjax.gated_rms_norm(x, z, epsilon=1e-12).tolist()  # silu(0) = 0, silu(40) = 40
+      [[0.0, -40.0]]
+
+    References:
+      Dao & Gu, "Transformers are SSMs: Generalized Models and Efficient Algorithms Through Structured State
+      Space Duality" (Mamba-2), ICML 2024. Zhang & Sennrich, "Root Mean Square Layer Normalization", NeurIPS 2019.
+    """
+    axes_lib.check_inexact(x)
+    axes_lib.check_gate(gate, x.shape)
+    axes_lib.check_static_bool(norm_before_gate, "norm_before_gate")
+    axis = axes_lib.canonicalize_axes(axis, jnp.ndim(x), "axis")
+    axes_lib.check_norm_values("rms_norm", x.shape, axis, axis_name, axis_index_groups)
+    axes_lib.check_float_dtype(dtype)
+    out_dtype = axes_lib.output_dtype(x, dtype)
+    wide = axes_lib.stats_dtype(axes_lib.promote_types(x.dtype, jnp.result_type(gate)))
+    silu = jax.nn.silu(jnp.asarray(gate).astype(wide))
+    normalize = functools.partial(
+        standardize,
+        scale=scale,
+        bias=bias,
+        reduction_axes=axis,
+        feature_axes=axis if feature_axes is None else feature_axes,
+        epsilon=epsilon,
+        mask=mask,
+        centered=False,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        normalized_dtype=normalized_dtype,
+        scale_offset=scale_offset,
+        zero_masked_outputs=zero_masked_outputs,
+    )
+    if norm_before_gate:
+        return (normalize(x, dtype=wide)[0] * silu).astype(out_dtype)
+    return normalize(x.astype(wide) * silu, dtype=out_dtype)[0]
 
 
 def group_norm(
@@ -153,6 +269,8 @@ def group_norm(
     axis_index_groups=None,
     dtype=None,
     normalized_dtype=None,
+    scale_offset: float = 0.0,
+    zero_masked_outputs: bool = False,
 ) -> jax.Array:
     r"""Group Normalization (Wu & He, 2018): standardize groups of contiguous channels of each example.
 
@@ -163,8 +281,9 @@ def group_norm(
 
     Args:
       x: the input with the batch on axis 0, e.g. ``(N, H, W, C)`` or ``(N, C, H, W)`` with ``axis=1``.
-      scale: optional per-channel :math:`\gamma`, shape ``(C,)``.
-      bias: optional per-channel :math:`\beta`, shape ``(C,)``.
+      scale: optional per-channel :math:`\gamma`, shape ``(C,)``, or per example: of ``x``'s rank,
+        broadcastable to ``x`` (e.g. ``(N, 1, 1, C)``).
+      bias: optional :math:`\beta`, likewise.
       num_groups: the number of groups; give exactly one of ``num_groups`` and ``group_size``.
       group_size: the number of channels per group.
       axis: the channel axis.
@@ -176,6 +295,10 @@ def group_norm(
       normalized_dtype: the casting order: None (default) computes the affine in float32 and rounds once;
         a dtype rounds :math:`\hat x` to it before the affine, which then runs in the promotion of it and the
         parameters' dtypes (HF Llama: the input dtype; see the numerics guide).
+      scale_offset: a constant :math:`c` added to ``scale`` in float32 or wider, :math:`\gamma + c`:
+        ``1.0`` for a zero-centered scale (Gemma's :math:`1 + \gamma`, with ``scale`` initialized at 0).
+      zero_masked_outputs: output 0 where ``mask`` is False (else those positions are standardized with the
+        valid elements' statistics, as in Flax); no effect without a mask.
 
     Returns:
       The normalized array, in ``dtype``.
@@ -202,13 +325,13 @@ def group_norm(
     regroup = lambda a: None if a is None else jnp.reshape(a, grouped_shape)  # noqa: E731
     grouped_reduction = axes_lib.complement((0, channel_axis), len(grouped_shape))
     axes_lib.check_norm_values("group_norm", grouped_shape, grouped_reduction, axis_name, axis_index_groups)
-    axes_lib.check_param(scale, (channels,), "scale", f"one value per channel along axis {channel_axis}")
-    axes_lib.check_param(bias, (channels,), "bias", f"one value per channel along axis {channel_axis}")
-    per_group = lambda p: None if p is None else jnp.reshape(p, (groups, channels // groups))  # noqa: E731
+    what = f"one value per channel along axis {channel_axis}"
+    axes_lib.check_affine(scale, x.shape, (channel_axis,), "scale", what)
+    axes_lib.check_affine(bias, x.shape, (channel_axis,), "bias", what)
     y = standardize(
         regroup(x),
-        per_group(scale),
-        per_group(bias),
+        per_group(scale, ndim, channel_axis, groups),
+        per_group(bias, ndim, channel_axis, groups),
         reduction_axes=axes_lib.complement((0, channel_axis), len(grouped_shape)),
         feature_axes=(channel_axis, channel_axis + 1),
         epsilon=epsilon,
@@ -217,8 +340,26 @@ def group_norm(
         axis_index_groups=axis_index_groups,
         dtype=dtype,
         normalized_dtype=normalized_dtype,
+        scale_offset=scale_offset,
+        zero_masked_outputs=zero_masked_outputs,
     )[0]
     return jnp.reshape(y, x.shape)
+
+
+def per_group(param: jax.Array | None, ndim: int, channel_axis: int, groups: int) -> jax.Array | None:
+    """GroupNorm's scale or bias on the grouped view, the channel axis split into ``(groups, channels per group)``.
+
+    Per channel ``(C,)`` becomes ``(groups, C // groups)``; per example (of the input's rank ``ndim``) the channel
+    axis is split in place, or becomes two unit axes where it is broadcast.
+    """
+    if param is None:
+        return None
+    shape = jnp.shape(param)
+    if len(shape) != ndim:
+        return jnp.reshape(param, (groups, shape[0] // groups))
+    channels = shape[channel_axis]
+    split = (groups, channels // groups) if channels != 1 else (1, 1)
+    return jnp.reshape(param, shape[:channel_axis] + split + shape[channel_axis + 1 :])
 
 
 def instance_norm(
@@ -233,6 +374,8 @@ def instance_norm(
     axis_index_groups=None,
     dtype=None,
     normalized_dtype=None,
+    scale_offset: float = 0.0,
+    zero_masked_outputs: bool = False,
 ) -> jax.Array:
     r"""Instance Normalization (Ulyanov, Vedaldi & Lempitsky, 2016): per example and channel, over space.
 
@@ -244,8 +387,9 @@ def instance_norm(
 
     Args:
       x: the input with the batch on axis 0, e.g. ``(N, H, W, C)``.
-      scale: optional per-channel :math:`\gamma`, shape ``(C,)``.
-      bias: optional per-channel :math:`\beta`, shape ``(C,)``.
+      scale: optional per-channel :math:`\gamma`, shape ``(C,)``, or per example: of ``x``'s rank,
+        broadcastable to ``x`` (e.g. ``(N, 1, 1, C)``).
+      bias: optional :math:`\beta`, likewise.
       axis: the channel axis.
       epsilon: a small positive number added to the variance.
       mask: optional boolean array broadcastable to ``x``.
@@ -255,6 +399,10 @@ def instance_norm(
       normalized_dtype: the casting order: None (default) computes the affine in float32 and rounds once;
         a dtype rounds :math:`\hat x` to it before the affine, which then runs in the promotion of it and the
         parameters' dtypes (HF Llama: the input dtype; see the numerics guide).
+      scale_offset: a constant :math:`c` added to ``scale`` in float32 or wider, :math:`\gamma + c`:
+        ``1.0`` for a zero-centered scale (Gemma's :math:`1 + \gamma`, with ``scale`` initialized at 0).
+      zero_masked_outputs: output 0 where ``mask`` is False (else those positions are standardized with the
+        valid elements' statistics, as in Flax); no effect without a mask.
 
     Returns:
       The normalized array, in ``dtype``.
@@ -287,4 +435,6 @@ def instance_norm(
         axis_index_groups=axis_index_groups,
         dtype=dtype,
         normalized_dtype=normalized_dtype,
+        scale_offset=scale_offset,
+        zero_masked_outputs=zero_masked_outputs,
     )[0]

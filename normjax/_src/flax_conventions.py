@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from normjax._src import axes as axes_lib
 from normjax._src.batch_norm import batch_norm
+from normjax._src.example_norms import gated_rms_norm, per_group
 from normjax._src.standardize import standardize
 from normjax._src.state import BatchNormState
 
@@ -186,6 +187,11 @@ def check_several_values(
     )
 
 
+def call_affine(own: jax.Array | None, given: jax.Array | None, name: str, layer: str) -> jax.Array | None:
+    """The scale (or bias) a Flax layer's call uses: its own parameter, or the one given at call time."""
+    return axes_lib.call_time_param(own, given, name, layer, "use_scale" if name == "scale" else "use_bias")
+
+
 def _running_state(mean: jax.Array, var: jax.Array, count: jax.Array | None, x_dtype) -> BatchNormState:
     """Running statistics in the form the core requires for an input of dtype ``x_dtype``.
 
@@ -228,6 +234,8 @@ def apply_batch_norm(
     normalized_dtype=None,
     stats_names: tuple[str, str] = ("batch_stats/mean", "batch_stats/var"),
     stats_fix: str = "",
+    scale_offset: float = 0.0,
+    zero_masked_outputs: bool = False,
 ) -> tuple[jax.Array, BatchNormState | None]:
     """A BatchNorm layer's call: returns ``(y, new_running_stats)``, the latter ``None`` when nothing is written.
 
@@ -250,9 +258,15 @@ def apply_batch_norm(
         "restore the matching checkpoint, or re-initialize the layer with `model.init` on this input.",
     )
     state = _running_state(running_mean, running_var, running_count, x.dtype)
-    shared = dict(epsilon=epsilon, axis=axis, normalized_dtype=normalized_dtype)
+    shared = dict(
+        epsilon=epsilon,
+        axis=axis,
+        normalized_dtype=normalized_dtype,
+        scale_offset=scale_offset,
+        zero_masked_outputs=zero_masked_outputs,
+    )
     if use_running_average:
-        y, _ = batch_norm(x, state, scale, bias, training=False, **shared)
+        y, _ = batch_norm(x, state, scale, bias, training=False, mask=bool_mask(mask), **shared)
         return y.astype(out), None
     if initializing:
         y, _ = batch_norm(
@@ -285,16 +299,28 @@ def apply_standardize(
     centered: bool = True,
     layer: str = "LayerNorm",
     normalized_dtype=None,
+    scale_offset: float = 0.0,
+    zero_masked_outputs: bool = False,
+    gate: jax.Array | None = None,
+    norm_before_gate: bool = True,
 ) -> jax.Array:
-    """LayerNorm / RMSNorm (``centered=False``) / InstanceNorm: per-example statistics, Flax's axes and dtypes.
+    """LayerNorm / RMSNorm (``centered=False``, optionally gated) / InstanceNorm: per-example statistics, Flax's
+    axes and dtypes.
 
     During initialization the statistics are not synchronized, so ``model.init`` needs no bound ``axis_name``
     (initialization only needs the parameters' shapes).
     """
     sync = not initializing
-    out = output_dtype(x, scale, bias, dtype=dtype)
+    out = output_dtype(x, scale, bias, gate, dtype=dtype)
     x = widen(x, out)
     check_several_values(x.shape, reduction_axes, axis_name, axis_index_groups, layer=layer, initializing=initializing)
+    if gate is not None:
+        return gated_rms_norm(
+            x, gate, scale, norm_before_gate=norm_before_gate, axis=reduction_axes, epsilon=epsilon,
+            mask=bool_mask(mask), feature_axes=feature_axes, axis_name=axis_name if sync else None,
+            axis_index_groups=axis_index_groups if sync else None, dtype=out, normalized_dtype=normalized_dtype,
+            scale_offset=scale_offset, zero_masked_outputs=zero_masked_outputs,
+        )  # fmt: skip
     return standardize(
         x,
         scale,
@@ -308,6 +334,8 @@ def apply_standardize(
         axis_index_groups=axis_index_groups if sync else None,
         dtype=out,
         normalized_dtype=normalized_dtype,
+        scale_offset=scale_offset,
+        zero_masked_outputs=zero_masked_outputs,
     )[0]
 
 
@@ -375,6 +403,8 @@ def apply_group_norm(
     dtype,
     initializing: bool = False,
     normalized_dtype=None,
+    scale_offset: float = 0.0,
+    zero_masked_outputs: bool = False,
 ) -> jax.Array:
     """Flax's GroupNorm: channels (last axis) split into contiguous groups, statistics over each group and
     ``reduction_axes``; a per-channel affine.
@@ -389,8 +419,8 @@ def apply_group_norm(
     groups = group_count(channels, num_groups, group_size)
     spatial = _group_reduction_axes(ndim, reduction_axes)
     per_channel = f"one value per channel of the last axis ({channels})"
-    axes_lib.check_param(scale, (channels,), "scale", per_channel)
-    axes_lib.check_param(bias, (channels,), "bias", per_channel)
+    axes_lib.check_affine(scale, x.shape, (ndim - 1,), "scale", per_channel)
+    axes_lib.check_affine(bias, x.shape, (ndim - 1,), "bias", per_channel)
     mask = bool_mask(mask)
     if mask is not None:
         axes_lib.check_mask(mask, x.shape)
@@ -400,12 +430,11 @@ def apply_group_norm(
         grouped_shape, spatial + (ndim,), axis_name, axis_index_groups, layer="GroupNorm", initializing=initializing
     )
     regroup = lambda a: None if a is None else jnp.reshape(a, grouped_shape)  # noqa: E731
-    per_group = lambda p: None if p is None else jnp.reshape(p, grouped_shape[-2:])  # noqa: E731
     sync = not initializing
     y = standardize(
         regroup(x),
-        per_group(scale),
-        per_group(bias),
+        per_group(scale, ndim, ndim - 1, groups),
+        per_group(bias, ndim, ndim - 1, groups),
         reduction_axes=spatial + (ndim,),
         feature_axes=(ndim - 1, ndim),
         epsilon=epsilon,
@@ -414,5 +443,7 @@ def apply_group_norm(
         axis_index_groups=axis_index_groups if sync else None,
         dtype=out,
         normalized_dtype=normalized_dtype,
+        scale_offset=scale_offset,
+        zero_masked_outputs=zero_masked_outputs,
     )[0]
     return jnp.reshape(y, x.shape)

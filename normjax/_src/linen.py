@@ -71,6 +71,10 @@ class BatchNorm(nn.Module):
       normalized_dtype: the casting order: None (default) computes the affine in float32 and rounds once, to
         ``dtype``; a dtype rounds the normalized values to it before the affine, which then runs in the
         promotion of it and ``param_dtype`` (HF Llama: the input dtype; see the numerics guide).
+      scale_offset: a constant :math:`c` added to ``scale`` in float32 or wider, :math:`\gamma + c`: ``1.0``
+        for a zero-centered scale (Gemma's :math:`1 + \gamma`). The stored ``scale`` is then :math:`\gamma`:
+        initialize it at :math:`1 - c` (``scale_init=nn.initializers.zeros`` for ``1.0``) for an identity start.
+      zero_masked_outputs: output 0 where ``mask`` is False; no effect without a mask.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -110,15 +114,28 @@ class BatchNorm(nn.Module):
     renorm_clipping: tuple[float, float] | None = None
     renorm_warmup_steps: int = 0
     normalized_dtype: Dtype | None = None
+    scale_offset: float = 0.0
+    zero_masked_outputs: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
-        """Normalizes ``x`` with batch statistics (training) or running statistics (evaluation).
+    def __call__(
+        self,
+        x: jax.Array,
+        use_running_average: bool | None = None,
+        *,
+        mask: jax.Array | None = None,
+        scale: jax.Array | None = None,
+        bias: jax.Array | None = None,
+    ):
+        r"""Normalizes ``x`` with batch statistics (training) or running statistics (evaluation).
 
         Args:
           x: the input.
           use_running_average: overrides the attribute of the same name; exactly one of the two must be set.
           mask: optional array broadcastable to ``x``, True (or 1) where an element enters the statistics.
+          scale: a call-time :math:`\gamma` (conditional normalization: AdaLN, FiLM), per feature or per example
+            (of ``x``'s rank, broadcastable to ``x``, e.g. ``(B, 1, D)``); only with ``use_scale=False``.
+          bias: a call-time :math:`\beta`, likewise; only with ``use_bias=False``.
 
         Returns:
           The normalized input, of ``x``'s shape.
@@ -129,7 +146,7 @@ class BatchNorm(nn.Module):
         ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), shape)
         ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), shape)
         count = self.variable("batch_stats", "count", jnp.zeros, (), jnp.int32) if self.renorm_warmup_steps else None
-        scale, bias = _affine(self, shape, self.use_scale, self.use_bias)
+        scale, bias = _affine(self, shape, scale, bias)
         y, new_state = common.apply_batch_norm(
             x, ra_mean.value, ra_var.value, scale, bias, use_running_average=use_running_average,
             initializing=self.is_initializing(), momentum=self.momentum, epsilon=self.epsilon, axis=self.axis,
@@ -138,6 +155,7 @@ class BatchNorm(nn.Module):
             virtual_batch_size=self.virtual_batch_size, renorm_clipping=self.renorm_clipping,
             renorm_warmup_steps=self.renorm_warmup_steps, running_count=None if count is None else count.value,
             normalized_dtype=self.normalized_dtype,
+            scale_offset=self.scale_offset, zero_masked_outputs=self.zero_masked_outputs,
         )  # fmt: skip
         if new_state is not None:
             ra_mean.value = new_state.mean
@@ -147,11 +165,12 @@ class BatchNorm(nn.Module):
         return y
 
 
-def _affine(module: nn.Module, shape: tuple[int, ...], use_scale: bool, use_bias: bool):
-    """Creates (or reads) ``params/scale`` and ``params/bias`` as Flax does, in that order."""
-    scale = module.param("scale", module.scale_init, shape, module.param_dtype) if use_scale else None
-    bias = module.param("bias", module.bias_init, shape, module.param_dtype) if use_bias else None
-    return scale, bias
+def _affine(module: nn.Module, shape: tuple[int, ...], scale: jax.Array | None, bias: jax.Array | None):
+    """Creates (or reads) ``params/scale`` and ``params/bias`` as Flax does, in that order; or takes the call's."""
+    layer = type(module).__name__
+    own_scale = module.param("scale", module.scale_init, shape, module.param_dtype) if module.use_scale else None
+    own_bias = module.param("bias", module.bias_init, shape, module.param_dtype) if module.use_bias else None
+    return common.call_affine(own_scale, scale, "scale", layer), common.call_affine(own_bias, bias, "bias", layer)
 
 
 class LayerNorm(nn.Module):
@@ -188,6 +207,10 @@ class LayerNorm(nn.Module):
       normalized_dtype: the casting order: None (default) computes the affine in float32 and rounds once, to
         ``dtype``; a dtype rounds the normalized values to it before the affine, which then runs in the
         promotion of it and ``param_dtype`` (HF Llama: the input dtype; see the numerics guide).
+      scale_offset: a constant :math:`c` added to ``scale`` in float32 or wider, :math:`\gamma + c`: ``1.0``
+        for a zero-centered scale (Gemma's :math:`1 + \gamma`). The stored ``scale`` is then :math:`\gamma`:
+        initialize it at :math:`1 - c` (``scale_init=nn.initializers.zeros`` for ``1.0``) for an identity start.
+      zero_masked_outputs: output 0 where ``mask`` is False; no effect without a mask.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -215,25 +238,38 @@ class LayerNorm(nn.Module):
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
     normalized_dtype: Dtype | None = None
+    scale_offset: float = 0.0
+    zero_masked_outputs: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None):
-        """Normalizes each example of ``x`` over ``reduction_axes``.
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        mask: jax.Array | None = None,
+        scale: jax.Array | None = None,
+        bias: jax.Array | None = None,
+    ):
+        r"""Normalizes each example of ``x`` over ``reduction_axes``.
 
         Args:
           x: the input.
           mask: optional array broadcastable to ``x``, True (or 1) where an element enters the statistics.
+          scale: a call-time :math:`\gamma` (conditional normalization: AdaLN, FiLM), per feature or per example
+            (of ``x``'s rank, broadcastable to ``x``, e.g. ``(B, 1, D)``); only with ``use_scale=False``.
+          bias: a call-time :math:`\beta`, likewise; only with ``use_bias=False``.
 
         Returns:
           The normalized input, of ``x``'s shape.
         """
         shape = common.feature_shape(x.shape, self.feature_axes, "feature_axes")
-        scale, bias = _affine(self, shape, self.use_scale, self.use_bias)
+        scale, bias = _affine(self, shape, scale, bias)
         return common.apply_standardize(
             x, scale, bias, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
             epsilon=self.epsilon, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
             dtype=self.dtype, initializing=self.is_initializing(), layer="LayerNorm",
             normalized_dtype=self.normalized_dtype,
+            scale_offset=self.scale_offset, zero_masked_outputs=self.zero_masked_outputs,
         )  # fmt: skip
 
 
@@ -266,6 +302,13 @@ class RMSNorm(nn.Module):
       normalized_dtype: the casting order: None (default) computes the affine in float32 and rounds once, to
         ``dtype``; a dtype rounds the normalized values to it before the affine, which then runs in the
         promotion of it and ``param_dtype`` (HF Llama: the input dtype; see the numerics guide).
+      scale_offset: a constant :math:`c` added to ``scale`` in float32 or wider, :math:`\gamma + c`: ``1.0``
+        for a zero-centered scale (Gemma's :math:`1 + \gamma`). The stored ``scale`` is then :math:`\gamma`:
+        initialize it at :math:`1 - c` (``scale_init=nn.initializers.zeros`` for ``1.0``) for an identity start.
+      zero_masked_outputs: output 0 where ``mask`` is False; no effect without a mask.
+      norm_before_gate: with a call-time ``gate`` :math:`z`, normalize then gate,
+        :math:`\mathrm{RMSNorm}(x)\,\gamma\,\mathrm{silu}(z)` (True, Qwen3-Next), or gate then normalize,
+        :math:`\mathrm{RMSNorm}(x\,\mathrm{silu}(z))\,\gamma` (False, Mamba-2); see :func:`normjax.gated_rms_norm`.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -291,25 +334,39 @@ class RMSNorm(nn.Module):
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
     normalized_dtype: Dtype | None = None
+    scale_offset: float = 0.0
+    zero_masked_outputs: bool = False
+    norm_before_gate: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None):
-        """Rescales each example of ``x`` by its root mean square over ``reduction_axes``.
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        mask: jax.Array | None = None,
+        scale: jax.Array | None = None,
+        gate: jax.Array | None = None,
+    ):
+        r"""Rescales each example of ``x`` by its root mean square over ``reduction_axes``.
 
         Args:
           x: the input.
           mask: optional array broadcastable to ``x``, True (or 1) where an element enters the statistics.
+          scale: a call-time :math:`\gamma` (conditional normalization: AdaLN, FiLM), per feature or per example
+            (of ``x``'s rank, broadcastable to ``x``, e.g. ``(B, 1, D)``); only with ``use_scale=False``.
+          gate: optional gate :math:`z` of ``x``'s shape: gated RMSNorm (see ``norm_before_gate``).
 
         Returns:
           The normalized input, of ``x``'s shape.
         """
         shape = common.feature_shape(x.shape, self.feature_axes, "feature_axes")
-        scale = self.param("scale", self.scale_init, shape, self.param_dtype) if self.use_scale else None
+        own = self.param("scale", self.scale_init, shape, self.param_dtype) if self.use_scale else None
         return common.apply_standardize(
-            x, scale, None, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
-            epsilon=self.epsilon, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-            dtype=self.dtype, initializing=self.is_initializing(), centered=False, layer="RMSNorm",
-            normalized_dtype=self.normalized_dtype,
+            x, common.call_affine(own, scale, "scale", "RMSNorm"), None, reduction_axes=self.reduction_axes,
+            feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, dtype=self.dtype, initializing=self.is_initializing(),
+            centered=False, layer="RMSNorm", normalized_dtype=self.normalized_dtype, scale_offset=self.scale_offset,
+            zero_masked_outputs=self.zero_masked_outputs, gate=gate, norm_before_gate=self.norm_before_gate,
         )  # fmt: skip
 
 
@@ -345,6 +402,10 @@ class GroupNorm(nn.Module):
       normalized_dtype: the casting order: None (default) computes the affine in float32 and rounds once, to
         ``dtype``; a dtype rounds the normalized values to it before the affine, which then runs in the
         promotion of it and ``param_dtype`` (HF Llama: the input dtype; see the numerics guide).
+      scale_offset: a constant :math:`c` added to ``scale`` in float32 or wider, :math:`\gamma + c`: ``1.0``
+        for a zero-centered scale (Gemma's :math:`1 + \gamma`). The stored ``scale`` is then :math:`\gamma`:
+        initialize it at :math:`1 - c` (``scale_init=nn.initializers.zeros`` for ``1.0``) for an identity start.
+      zero_masked_outputs: output 0 where ``mask`` is False; no effect without a mask.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -373,24 +434,37 @@ class GroupNorm(nn.Module):
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
     normalized_dtype: Dtype | None = None
+    scale_offset: float = 0.0
+    zero_masked_outputs: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None):
-        """Normalizes groups of channels of each example of ``x``.
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        mask: jax.Array | None = None,
+        scale: jax.Array | None = None,
+        bias: jax.Array | None = None,
+    ):
+        r"""Normalizes groups of channels of each example of ``x``.
 
         Args:
           x: the input, channels last, e.g. ``(N, H, W, C)``.
           mask: optional array broadcastable to ``x``, True (or 1) where an element enters the statistics.
+          scale: a call-time :math:`\gamma` (conditional normalization: AdaLN, FiLM), per feature or per example
+            (of ``x``'s rank, broadcastable to ``x``, e.g. ``(B, 1, D)``); only with ``use_scale=False``.
+          bias: a call-time :math:`\beta`, likewise; only with ``use_bias=False``.
 
         Returns:
           The normalized input, of ``x``'s shape.
         """
-        scale, bias = _affine(self, x.shape[-1:], self.use_scale, self.use_bias)
+        scale, bias = _affine(self, x.shape[-1:], scale, bias)
         return common.apply_group_norm(
             x, scale, bias, num_groups=self.num_groups, group_size=self.group_size,
             reduction_axes=self.reduction_axes, epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups, dtype=self.dtype, initializing=self.is_initializing(),
             normalized_dtype=self.normalized_dtype,
+            scale_offset=self.scale_offset, zero_masked_outputs=self.zero_masked_outputs,
         )  # fmt: skip
 
 
@@ -424,6 +498,10 @@ class InstanceNorm(nn.Module):
       normalized_dtype: the casting order: None (default) computes the affine in float32 and rounds once, to
         ``dtype``; a dtype rounds the normalized values to it before the affine, which then runs in the
         promotion of it and ``param_dtype`` (HF Llama: the input dtype; see the numerics guide).
+      scale_offset: a constant :math:`c` added to ``scale`` in float32 or wider, :math:`\gamma + c`: ``1.0``
+        for a zero-centered scale (Gemma's :math:`1 + \gamma`). The stored ``scale`` is then :math:`\gamma`:
+        initialize it at :math:`1 - c` (``scale_init=nn.initializers.zeros`` for ``1.0``) for an identity start.
+      zero_masked_outputs: output 0 where ``mask`` is False; no effect without a mask.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -451,22 +529,35 @@ class InstanceNorm(nn.Module):
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
     normalized_dtype: Dtype | None = None
+    scale_offset: float = 0.0
+    zero_masked_outputs: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None):
-        """Normalizes each example and channel of ``x`` over its other axes.
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        mask: jax.Array | None = None,
+        scale: jax.Array | None = None,
+        bias: jax.Array | None = None,
+    ):
+        r"""Normalizes each example and channel of ``x`` over its other axes.
 
         Args:
           x: the input, batch first, e.g. ``(N, H, W, C)``.
           mask: optional array broadcastable to ``x``, True (or 1) where an element enters the statistics.
+          scale: a call-time :math:`\gamma` (conditional normalization: AdaLN, FiLM), per feature or per example
+            (of ``x``'s rank, broadcastable to ``x``, e.g. ``(B, 1, D)``); only with ``use_scale=False``.
+          bias: a call-time :math:`\beta`, likewise; only with ``use_bias=False``.
 
         Returns:
           The normalized input, of ``x``'s shape.
         """
         feature_axes, reduction_axes = common.instance_norm_axes(x.ndim, self.feature_axes)
-        scale, bias = _affine(self, tuple(x.shape[a] for a in feature_axes), self.use_scale, self.use_bias)
+        scale, bias = _affine(self, tuple(x.shape[a] for a in feature_axes), scale, bias)
         return common.apply_standardize(
             x, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes, epsilon=self.epsilon,
             mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype,
             initializing=self.is_initializing(), layer="InstanceNorm", normalized_dtype=self.normalized_dtype,
+            scale_offset=self.scale_offset, zero_masked_outputs=self.zero_masked_outputs,
         )  # fmt: skip

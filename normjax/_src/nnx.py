@@ -47,6 +47,15 @@ def _value(variable) -> jax.Array | None:
     return None if variable is None else variable[...]
 
 
+def _affine(layer: nnx.Module, scale: jax.Array | None, bias: jax.Array | None):
+    """The ``(scale, bias)`` a call uses: the layer's own parameters, or those given at call time."""
+    name = type(layer).__name__
+    return (
+        common.call_affine(_value(layer.scale), scale, "scale", name),
+        common.call_affine(_value(layer.bias), bias, "bias", name),
+    )
+
+
 class BatchNorm(nnx.Module):
     r"""Batch Normalization (Ioffe & Szegedy, 2015), a drop-in for :class:`flax.nnx.BatchNorm`.
 
@@ -105,6 +114,11 @@ class BatchNorm(nnx.Module):
       normalized_dtype: the casting order: None (default) computes the affine in float32 and rounds once, to
         ``dtype``; a dtype rounds the normalized values to it before the affine, which then runs in the
         promotion of it and ``param_dtype`` (HF Llama: the input dtype; see the numerics guide).
+      scale_offset: a constant :math:`c` added to ``scale`` in float32 or wider, :math:`\gamma + c`: ``1.0``
+        for a zero-centered scale (Gemma's :math:`1 + \gamma`). The stored ``scale`` is then :math:`\gamma`:
+        initialize it at :math:`1 - c` (``scale_init=nnx.initializers.zeros_init()`` for ``1.0``) for an identity
+        start.
+      zero_masked_outputs: output 0 where ``mask`` is False; no effect without a mask.
 
     Example:
       >>> import jax.numpy as jnp
@@ -151,6 +165,8 @@ class BatchNorm(nnx.Module):
         renorm_clipping: tuple[float, float] | None = None,
         renorm_warmup_steps: int = 0,
         normalized_dtype: Dtype | None = None,
+        scale_offset: float = 0.0,
+        zero_masked_outputs: bool = False,
     ):
         common.check_num_features(num_features, "BatchNorm")
         feature_shape = (num_features,)
@@ -178,14 +194,27 @@ class BatchNorm(nnx.Module):
         self.renorm_clipping = renorm_clipping
         self.renorm_warmup_steps = renorm_warmup_steps
         self.normalized_dtype = normalized_dtype
+        self.scale_offset = scale_offset
+        self.zero_masked_outputs = zero_masked_outputs
 
-    def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
-        """Normalizes ``x`` with batch statistics (training) or running statistics (evaluation).
+    def __call__(
+        self,
+        x: jax.Array,
+        use_running_average: bool | None = None,
+        *,
+        mask: jax.Array | None = None,
+        scale: jax.Array | None = None,
+        bias: jax.Array | None = None,
+    ):
+        r"""Normalizes ``x`` with batch statistics (training) or running statistics (evaluation).
 
         Args:
           x: the input.
           use_running_average: overrides the attribute of the same name for this call.
           mask: optional array broadcastable to ``x``, True (or 1) where an element enters the statistics.
+          scale: a call-time :math:`\gamma` (conditional normalization: AdaLN, FiLM), per feature or per example
+            (of ``x``'s rank, broadcastable to ``x``, e.g. ``(B, 1, D)``); only with ``use_scale=False``.
+          bias: a call-time :math:`\beta`, likewise; only with ``use_bias=False``.
 
         Returns:
           The normalized input, of ``x``'s shape.
@@ -202,9 +231,8 @@ class BatchNorm(nnx.Module):
         axes_lib.check_static_bool(use_running_average, "use_running_average")
         common.refuse_nnx_call_inside_linen_freeze(not use_running_average)
         running_mean, running_var = self.mean[...], self.var[...]
-        x, mean, var, scale, bias = self.promote_dtype(
-            (x, running_mean, running_var, _value(self.scale), _value(self.bias)), dtype=self.dtype
-        )
+        scale, bias = _affine(self, scale, bias)
+        x, mean, var, scale, bias = self.promote_dtype((x, running_mean, running_var, scale, bias), dtype=self.dtype)
         if use_running_average:
             # Evaluation normalizes with the statistics as promoted; training updates them in their own dtype.
             running_mean, running_var = mean, var
@@ -216,6 +244,7 @@ class BatchNorm(nnx.Module):
             virtual_batch_size=self.virtual_batch_size, renorm_clipping=self.renorm_clipping,
             renorm_warmup_steps=self.renorm_warmup_steps, running_count=None if self.count is None else self.count[...],
             normalized_dtype=self.normalized_dtype, stats_names=("mean", "var"), stats_fix=_STATS_FIX,
+            scale_offset=self.scale_offset, zero_masked_outputs=self.zero_masked_outputs,
         )  # fmt: skip
         if new_state is not None:
             # Running statistics are not trained (as in Flax); `set_value` lets a real mean become complex.
@@ -269,6 +298,11 @@ class LayerNorm(nnx.Module):
       rngs: the random number generators (one ``params`` draw per created parameter, as in Flax).
       bias_metadata: metadata of the bias ``nnx.Param``.
       scale_metadata: metadata of the scale ``nnx.Param``.
+      scale_offset: a constant :math:`c` added to ``scale`` in float32 or wider, :math:`\gamma + c`: ``1.0``
+        for a zero-centered scale (Gemma's :math:`1 + \gamma`). The stored ``scale`` is then :math:`\gamma`:
+        initialize it at :math:`1 - c` (``scale_init=nnx.initializers.zeros_init()`` for ``1.0``) for an identity
+        start.
+      zero_masked_outputs: output 0 where ``mask`` is False; no effect without a mask.
 
     Example:
       >>> import jax.numpy as jnp
@@ -303,6 +337,8 @@ class LayerNorm(nnx.Module):
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
         normalized_dtype: Dtype | None = None,
+        scale_offset: float = 0.0,
+        zero_masked_outputs: bool = False,
     ):
         common.check_num_features(num_features, "LayerNorm")
         self.scale = _param(use_scale, scale_init, num_features, param_dtype, rngs, scale_metadata)
@@ -320,23 +356,36 @@ class LayerNorm(nnx.Module):
         self.use_fast_variance = use_fast_variance
         self.promote_dtype = promote_dtype
         self.normalized_dtype = normalized_dtype
+        self.scale_offset = scale_offset
+        self.zero_masked_outputs = zero_masked_outputs
 
-    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None):
-        """Normalizes each example of ``x`` over ``reduction_axes``.
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        mask: jax.Array | None = None,
+        scale: jax.Array | None = None,
+        bias: jax.Array | None = None,
+    ):
+        r"""Normalizes each example of ``x`` over ``reduction_axes``.
 
         Args:
           x: the input.
           mask: optional array broadcastable to ``x``, True (or 1) where an element enters the statistics.
+          scale: a call-time :math:`\gamma` (conditional normalization: AdaLN, FiLM), per feature or per example
+            (of ``x``'s rank, broadcastable to ``x``, e.g. ``(B, 1, D)``); only with ``use_scale=False``.
+          bias: a call-time :math:`\beta`, likewise; only with ``use_bias=False``.
 
         Returns:
           The normalized input, of ``x``'s shape.
         """
         common.check_input_features(x, self.feature_axes, "feature_axes", self.num_features, "LayerNorm")
-        x, scale, bias = self.promote_dtype((x, _value(self.scale), _value(self.bias)), dtype=self.dtype)
+        x, scale, bias = self.promote_dtype((x, *_affine(self, scale, bias)), dtype=self.dtype)
         return common.apply_standardize(
             x, scale, bias, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
             epsilon=self.epsilon, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-            dtype=self.dtype, layer="LayerNorm", normalized_dtype=self.normalized_dtype,
+            dtype=self.dtype, layer="LayerNorm", normalized_dtype=self.normalized_dtype, scale_offset=self.scale_offset,
+            zero_masked_outputs=self.zero_masked_outputs,
         )  # fmt: skip
 
 
@@ -370,6 +419,14 @@ class RMSNorm(nnx.Module):
         promotion of it and ``param_dtype`` (HF Llama: the input dtype; see the numerics guide).
       rngs: the random number generators (one ``params`` draw for the scale, as in Flax).
       scale_metadata: metadata of the scale ``nnx.Param``.
+      scale_offset: a constant :math:`c` added to ``scale`` in float32 or wider, :math:`\gamma + c`: ``1.0``
+        for a zero-centered scale (Gemma's :math:`1 + \gamma`). The stored ``scale`` is then :math:`\gamma`:
+        initialize it at :math:`1 - c` (``scale_init=nnx.initializers.zeros_init()`` for ``1.0``) for an identity
+        start.
+      zero_masked_outputs: output 0 where ``mask`` is False; no effect without a mask.
+      norm_before_gate: with a call-time ``gate`` :math:`z`, normalize then gate,
+        :math:`\mathrm{RMSNorm}(x)\,\gamma\,\mathrm{silu}(z)` (True, Qwen3-Next), or gate then normalize,
+        :math:`\mathrm{RMSNorm}(x\,\mathrm{silu}(z))\,\gamma` (False, Mamba-2); see :func:`normjax.gated_rms_norm`.
 
     Example:
       >>> import jax.numpy as jnp
@@ -401,6 +458,9 @@ class RMSNorm(nnx.Module):
         rngs: nnx.Rngs,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
         normalized_dtype: Dtype | None = None,
+        scale_offset: float = 0.0,
+        zero_masked_outputs: bool = False,
+        norm_before_gate: bool = True,
     ):
         common.check_num_features(num_features, "RMSNorm")
         self.scale = _param(use_scale, scale_init, num_features, param_dtype, rngs, scale_metadata)
@@ -416,23 +476,42 @@ class RMSNorm(nnx.Module):
         self.use_fast_variance = use_fast_variance
         self.promote_dtype = promote_dtype
         self.normalized_dtype = normalized_dtype
+        self.scale_offset = scale_offset
+        self.zero_masked_outputs = zero_masked_outputs
+        self.norm_before_gate = norm_before_gate
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None):
-        """Rescales each example of ``x`` by its root mean square over ``reduction_axes``.
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array | None = None,
+        *,
+        scale: jax.Array | None = None,
+        gate: jax.Array | None = None,
+    ):
+        r"""Rescales each example of ``x`` by its root mean square over ``reduction_axes``.
 
         Args:
           x: the input.
           mask: optional array broadcastable to ``x``, True (or 1) where an element enters the statistics.
+          scale: a call-time :math:`\gamma` (conditional normalization: AdaLN, FiLM), per feature or per example
+            (of ``x``'s rank, broadcastable to ``x``, e.g. ``(B, 1, D)``); only with ``use_scale=False``.
+          gate: optional gate :math:`z` of ``x``'s shape: gated RMSNorm (see ``norm_before_gate``).
 
         Returns:
           The normalized input, of ``x``'s shape.
         """
         common.check_input_features(x, self.feature_axes, "feature_axes", self.num_features, "RMSNorm")
-        x, scale = self.promote_dtype((x, _value(self.scale)), dtype=self.dtype)
+        scale = common.call_affine(_value(self.scale), scale, "scale", "RMSNorm")
+        if gate is None:
+            x, scale = self.promote_dtype((x, scale), dtype=self.dtype)
+        else:
+            x, scale, gate = self.promote_dtype((x, scale, gate), dtype=self.dtype)
         return common.apply_standardize(
             x, scale, None, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
             epsilon=self.epsilon, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
             dtype=self.dtype, centered=False, layer="RMSNorm", normalized_dtype=self.normalized_dtype,
+            scale_offset=self.scale_offset, zero_masked_outputs=self.zero_masked_outputs, gate=gate,
+            norm_before_gate=self.norm_before_gate,
         )  # fmt: skip
 
 
@@ -469,6 +548,11 @@ class GroupNorm(nnx.Module):
       rngs: the random number generators (one ``params`` draw per created parameter, as in Flax).
       bias_metadata: metadata of the bias ``nnx.Param``.
       scale_metadata: metadata of the scale ``nnx.Param``.
+      scale_offset: a constant :math:`c` added to ``scale`` in float32 or wider, :math:`\gamma + c`: ``1.0``
+        for a zero-centered scale (Gemma's :math:`1 + \gamma`). The stored ``scale`` is then :math:`\gamma`:
+        initialize it at :math:`1 - c` (``scale_init=nnx.initializers.zeros_init()`` for ``1.0``) for an identity
+        start.
+      zero_masked_outputs: output 0 where ``mask`` is False; no effect without a mask.
 
     Example:
       >>> import jax.numpy as jnp
@@ -504,6 +588,8 @@ class GroupNorm(nnx.Module):
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
         normalized_dtype: Dtype | None = None,
+        scale_offset: float = 0.0,
+        zero_masked_outputs: bool = False,
     ):
         common.check_num_features(num_features, "GroupNorm")
         self.feature_axis = -1
@@ -523,23 +609,36 @@ class GroupNorm(nnx.Module):
         self.use_fast_variance = use_fast_variance
         self.promote_dtype = promote_dtype
         self.normalized_dtype = normalized_dtype
+        self.scale_offset = scale_offset
+        self.zero_masked_outputs = zero_masked_outputs
 
-    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None):
-        """Normalizes groups of channels of each example of ``x``.
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        mask: jax.Array | None = None,
+        scale: jax.Array | None = None,
+        bias: jax.Array | None = None,
+    ):
+        r"""Normalizes groups of channels of each example of ``x``.
 
         Args:
           x: the input, channels last, e.g. ``(N, H, W, C)``.
           mask: optional array broadcastable to ``x``, True (or 1) where an element enters the statistics.
+          scale: a call-time :math:`\gamma` (conditional normalization: AdaLN, FiLM), per feature or per example
+            (of ``x``'s rank, broadcastable to ``x``, e.g. ``(B, 1, D)``); only with ``use_scale=False``.
+          bias: a call-time :math:`\beta`, likewise; only with ``use_bias=False``.
 
         Returns:
           The normalized input, of ``x``'s shape.
         """
         common.check_input_features(x, -1, "axis", self.num_features, "GroupNorm")
-        x, scale, bias = self.promote_dtype((x, _value(self.scale), _value(self.bias)), dtype=self.dtype)
+        x, scale, bias = self.promote_dtype((x, *_affine(self, scale, bias)), dtype=self.dtype)
         return common.apply_group_norm(
             x, scale, bias, num_groups=self.num_groups, group_size=None, reduction_axes=self.reduction_axes,
             epsilon=self.epsilon, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-            dtype=self.dtype, normalized_dtype=self.normalized_dtype,
+            dtype=self.dtype, normalized_dtype=self.normalized_dtype, scale_offset=self.scale_offset,
+            zero_masked_outputs=self.zero_masked_outputs,
         )  # fmt: skip
 
 
@@ -575,6 +674,11 @@ class InstanceNorm(nnx.Module):
       rngs: the random number generators (one ``params`` draw per created parameter, as in Flax).
       bias_metadata: metadata of the bias ``nnx.Param``.
       scale_metadata: metadata of the scale ``nnx.Param``.
+      scale_offset: a constant :math:`c` added to ``scale`` in float32 or wider, :math:`\gamma + c`: ``1.0``
+        for a zero-centered scale (Gemma's :math:`1 + \gamma`). The stored ``scale`` is then :math:`\gamma`:
+        initialize it at :math:`1 - c` (``scale_init=nnx.initializers.zeros_init()`` for ``1.0``) for an identity
+        start.
+      zero_masked_outputs: output 0 where ``mask`` is False; no effect without a mask.
 
     Example:
       >>> import jax.numpy as jnp
@@ -609,6 +713,8 @@ class InstanceNorm(nnx.Module):
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
         normalized_dtype: Dtype | None = None,
+        scale_offset: float = 0.0,
+        zero_masked_outputs: bool = False,
     ):
         common.check_num_features(num_features, "InstanceNorm")
         self.scale = _param(use_scale, scale_init, num_features, param_dtype, rngs, scale_metadata)
@@ -625,22 +731,35 @@ class InstanceNorm(nnx.Module):
         self.use_fast_variance = use_fast_variance
         self.promote_dtype = promote_dtype
         self.normalized_dtype = normalized_dtype
+        self.scale_offset = scale_offset
+        self.zero_masked_outputs = zero_masked_outputs
 
-    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None):
-        """Normalizes each example and channel of ``x`` over its other axes.
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        mask: jax.Array | None = None,
+        scale: jax.Array | None = None,
+        bias: jax.Array | None = None,
+    ):
+        r"""Normalizes each example and channel of ``x`` over its other axes.
 
         Args:
           x: the input, batch first, e.g. ``(N, H, W, C)``.
           mask: optional array broadcastable to ``x``, True (or 1) where an element enters the statistics.
+          scale: a call-time :math:`\gamma` (conditional normalization: AdaLN, FiLM), per feature or per example
+            (of ``x``'s rank, broadcastable to ``x``, e.g. ``(B, 1, D)``); only with ``use_scale=False``.
+          bias: a call-time :math:`\beta`, likewise; only with ``use_bias=False``.
 
         Returns:
           The normalized input, of ``x``'s shape.
         """
         feature_axes, reduction_axes = common.instance_norm_axes(jnp.ndim(x), self.feature_axes)
         common.check_input_features(x, self.feature_axes, "feature_axes", self.num_features, "InstanceNorm")
-        x, scale, bias = self.promote_dtype((x, _value(self.scale), _value(self.bias)), dtype=self.dtype)
+        x, scale, bias = self.promote_dtype((x, *_affine(self, scale, bias)), dtype=self.dtype)
         return common.apply_standardize(
             x, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes, epsilon=self.epsilon,
             mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype,
-            layer="InstanceNorm", normalized_dtype=self.normalized_dtype,
+            layer="InstanceNorm", normalized_dtype=self.normalized_dtype, scale_offset=self.scale_offset,
+            zero_masked_outputs=self.zero_masked_outputs,
         )  # fmt: skip

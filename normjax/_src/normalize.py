@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from normjax._src import axes as axes_lib
-from normjax._src.standardize import as_feature, check_normalized_dtype, standardized_output
+from normjax._src.standardize import as_affine, check_normalized_dtype, offset_scale, standardized_output
 
 
 def normalize(
@@ -20,12 +20,14 @@ def normalize(
     feature_axes: axes_lib.Axes = -1,
     dtype=None,
     normalized_dtype=None,
+    scale_offset: float = 0.0,
+    mask: jax.Array | None = None,
 ) -> jax.Array:
     r"""Standardizes ``x`` with given moments and applies an optional affine transform.
 
     .. math::
 
-        y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} \cdot \gamma + \beta
+        y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} \cdot (\gamma + c) + \beta
 
     The arithmetic runs in float32 or wider; the result is cast to ``dtype`` (default: ``x``'s dtype, float32
     for 8-bit float inputs).
@@ -34,14 +36,18 @@ def normalize(
       x: the input.
       mean: the mean, broadcastable to ``x`` (e.g. :func:`normjax.moments` with ``keepdims=True``).
       var: the variance, broadcastable to ``x``.
-      scale: optional :math:`\gamma`, of shape ``[x.shape[a] for a in feature_axes]``.
-      bias: optional :math:`\beta`, of the same shape as ``scale``.
+      scale: optional :math:`\gamma`, of shape ``[x.shape[a] for a in feature_axes]``, or per example: of
+        ``x``'s rank, broadcastable to ``x`` (e.g. ``(B, 1, D)`` for a ``(B, T, D)`` input).
+      bias: optional :math:`\beta`, likewise.
       epsilon: a small positive number added to the variance.
       feature_axes: the axes of ``x`` that ``scale`` and ``bias`` run along.
       dtype: the output dtype; defaults to ``x.dtype`` (float32 for an 8-bit float ``x``).
       normalized_dtype: the casting order: None (default) computes the affine in float32 and rounds once;
         a dtype rounds :math:`\hat x` to it before the affine, which then runs in the promotion of it and the
         parameters' dtypes (HF Llama: the input dtype; see the numerics guide).
+      scale_offset: :math:`c`, added to ``scale`` in float32 or wider: 1.0 for a zero-centered scale.
+      mask: optional boolean array broadcastable to ``x``: a masked-out position that is not finite (padding)
+        outputs ``bias`` and reaches no derivative, as in the norms; the others are standardized.
 
     Returns:
       The normalized array, of ``x``'s shape.
@@ -58,9 +64,11 @@ def normalize(
     axes_lib.check_epsilon(epsilon, x.dtype)
     ndim = jnp.ndim(x)
     feature_axes = axes_lib.canonicalize_axes(feature_axes, ndim, "feature_axes")
-    feature_shape = tuple(x.shape[a] for a in feature_axes)
-    axes_lib.check_param(scale, feature_shape, "scale", f"the size of x's feature axes {feature_axes}")
-    axes_lib.check_param(bias, feature_shape, "bias", f"the size of x's feature axes {feature_axes}")
+    what = f"the size of x's feature axes {feature_axes}"
+    axes_lib.check_affine(scale, x.shape, feature_axes, "scale", what)
+    axes_lib.check_affine(bias, x.shape, feature_axes, "bias", what)
+    axes_lib.check_scale_offset(scale_offset, scale)
+    axes_lib.check_mask(mask, x.shape)
     # -- argument checks (axes.py) --
     axes_lib.check_moment_array(mean, "mean", x.shape)
     axes_lib.check_moment_array(var, "var", x.shape, real=True)
@@ -72,9 +80,10 @@ def normalize(
 
     compute_dtype = axes_lib.stats_dtype(axes_lib.promote_types(x.dtype, jnp.result_type(mean)))
     inv_std = jax.lax.rsqrt(jnp.asarray(var, jnp.finfo(compute_dtype).dtype) + epsilon)
-    gamma = None if scale is None else as_feature(scale, ndim, feature_axes)
-    beta = None if bias is None else as_feature(bias, ndim, feature_axes)
+    gamma = offset_scale(as_affine(scale, ndim, feature_axes), scale_offset, inv_std.dtype)
+    beta = as_affine(bias, ndim, feature_axes)
+    mask = None if mask is None else jnp.broadcast_to(mask, x.shape)
     if normalized_dtype is not None:
         normalized_dtype = jax.dtypes.canonicalize_dtype(normalized_dtype)
-    y = standardized_output(x.astype(compute_dtype), mean, inv_std, gamma, beta, None, normalized_dtype)
+    y = standardized_output(x.astype(compute_dtype), mean, inv_std, gamma, beta, mask, normalized_dtype)
     return y.astype(out_dtype)

@@ -5,7 +5,7 @@ pass about a shift that lies among the data, merged exactly across devices, in o
 
 .. math::
 
-    \hat x = (x - \mu)\,s, \qquad s = (\sigma^2 + \epsilon)^{-1/2}, \qquad y = \hat x\,\gamma + \beta,
+    \hat x = (x - \mu)\,s, \qquad s = (\sigma^2 + \epsilon)^{-1/2}, \qquad y = \hat x\,(\gamma + c) + \beta,
 
 as one ``jax.custom_jvp`` whose tangent is the closed form of the BatchNorm paper:
 
@@ -15,9 +15,11 @@ as one ``jax.custom_jvp`` whose tangent is the closed form of the BatchNorm pape
     (x - \mu), \qquad \dot\sigma^2 = 2\,\overline{m (x - \mu) \dot x}
 
 where :math:`\overline{\,\cdot\,}` is the (masked, cross-device) mean over the reduction axes and :math:`m` the
-mask. Reverse mode is JAX's transpose of this linear map, the textbook backward
-:math:`\bar x = s\,(g' - \overline{m g'} - \hat x\,\overline{m \hat x g'})` with :math:`g' = \gamma \bar y`: two
-reductions and one elementwise pass. Written as a JVP the rule also serves ``jax.jvp``, ``jacfwd``, higher
+mask. :math:`\gamma` and :math:`\beta` are per feature or per example (any array of ``x``'s rank that broadcasts to
+it), and :math:`c` is the static ``scale_offset`` (1 for a zero-centered scale, added in the statistics dtype so it
+is exact for narrow parameters). Reverse mode is JAX's transpose of this linear map, the textbook backward
+:math:`\bar x = s\,(g' - \overline{m g'} - \hat x\,\overline{m \hat x g'})` with :math:`g' = (\gamma + c) \bar y`:
+two reductions and one elementwise pass. Written as a JVP the rule also serves ``jax.jvp``, ``jacfwd``, higher
 orders, ``vmap`` and collectives. The mean is the exact float sum ``hi + lo`` of this device's shift and offset:
 the output subtracts ``hi``, and the rule sums ``(x - hi) - lo``, so the backward's components along the reduced
 axes cancel to rounding of the data's spread even at a large mean (``x - hi`` alone would leave a residual of
@@ -70,6 +72,7 @@ class _Spec(NamedTuple):
     out_dtype: object
     layout: str
     normalized_dtype: object = None
+    scale_offset: float = 0.0
 
 
 def as_feature(param: jax.Array, ndim: int, feature_axes: tuple[int, ...]) -> jax.Array:
@@ -78,6 +81,28 @@ def as_feature(param: jax.Array, ndim: int, feature_axes: tuple[int, ...]) -> ja
     for a, size in zip(feature_axes, jnp.shape(param), strict=True):
         shape[a] = size
     return jnp.reshape(param, shape)
+
+
+def as_affine(param: jax.Array | None, ndim: int, feature_axes: tuple[int, ...]) -> jax.Array | None:
+    """A scale or bias as an array that broadcasts against a rank-``ndim`` input: per feature (the feature axes'
+    shape, reshaped by :func:`as_feature`) or per example (already of the input's rank); None stays None."""
+    if param is None or jnp.ndim(param) == ndim:
+        return param
+    return as_feature(param, ndim, feature_axes)
+
+
+def offset_scale(gamma: jax.Array | None, scale_offset: float, dtype) -> jax.Array | None:
+    """``gamma + scale_offset`` in ``dtype`` or wider (the statistics dtype), so the offset is exact for a bfloat16
+    ``gamma``; ``gamma`` unchanged when the offset is 0."""
+    if gamma is None or not scale_offset:
+        return gamma
+    wide = axes_lib.promote_types(gamma.dtype, dtype)
+    return gamma.astype(wide) + jnp.asarray(scale_offset, jnp.finfo(dtype).dtype)
+
+
+def zero_masked(y: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """``y`` with 0 at masked-out positions (selected, so no gradient reaches them); ``y`` without a mask."""
+    return y if mask is None else jnp.where(mask, y, jnp.zeros((), y.dtype))
 
 
 def standardize(
@@ -95,13 +120,17 @@ def standardize(
     dtype=None,
     normalized_dtype=None,
     renorm: Renorm | None = None,
+    scale_offset: float = 0.0,
+    zero_masked_outputs: bool = False,
 ) -> tuple[jax.Array, Moments]:
     """``(y, moments)``: ``x`` standardized over ``reduction_axes`` with the affine along ``feature_axes``.
 
-    Validates its arguments like the public functions (which call it); ``moments`` are keepdims. With
-    ``renorm``, Batch Renormalization's ``r`` and ``d`` (constants in the derivative) fold into the affine.
-    ``dtype`` is the output dtype (:func:`normjax._src.axes.output_dtype` by default) and ``normalized_dtype``
-    the casting order (:func:`standardized_output`).
+    Validates its arguments like the public functions (which call it); ``moments`` are keepdims. ``scale`` and
+    ``bias`` are per feature or per example (see :func:`as_affine`); ``scale_offset`` is added to ``scale`` (in
+    the statistics dtype, before the casting order applies). With ``renorm``, Batch Renormalization's ``r`` and
+    ``d`` (constants in the derivative) fold into the affine. ``dtype`` is the output dtype
+    (:func:`normjax._src.axes.output_dtype` by default) and ``normalized_dtype`` the casting order
+    (:func:`standardized_output`). With ``zero_masked_outputs`` the output is 0 where ``mask`` is False.
     """
     axes_lib.check_inexact(x)
     axes_lib.check_epsilon(epsilon, x.dtype)
@@ -111,9 +140,11 @@ def standardize(
     ndim = jnp.ndim(x)
     reduction_axes = axes_lib.canonicalize_axes(reduction_axes, ndim, "reduction_axes")
     feature_axes = axes_lib.canonicalize_axes(feature_axes, ndim, "feature_axes")
-    feature_shape = tuple(x.shape[a] for a in feature_axes)
-    axes_lib.check_param(scale, feature_shape, "scale", f"the size of x's feature axes {feature_axes}")
-    axes_lib.check_param(bias, feature_shape, "bias", f"the size of x's feature axes {feature_axes}")
+    what = f"the size of x's feature axes {feature_axes}"
+    axes_lib.check_affine(scale, x.shape, feature_axes, "scale", what)
+    axes_lib.check_affine(bias, x.shape, feature_axes, "bias", what)
+    axes_lib.check_scale_offset(scale_offset, scale)
+    axes_lib.check_static_bool(zero_masked_outputs, "zero_masked_outputs")
     axes_lib.check_mask(mask, jnp.shape(x))
     axes_lib.check_axis_name(axis_name, axis_index_groups)
     groups = None if axis_index_groups is None else tuple(tuple(int(i) for i in g) for g in axis_index_groups)
@@ -122,7 +153,17 @@ def standardize(
     axes_lib.check_real_output(out_dtype, scale=scale, bias=bias)
     if normalized_dtype is not None:
         normalized_dtype = jax.dtypes.canonicalize_dtype(normalized_dtype)
-    spec = _Spec(reduction_axes, feature_axes, bool(centered), names, groups, out_dtype, "generic", normalized_dtype)
+    spec = _Spec(
+        reduction_axes,
+        feature_axes,
+        bool(centered),
+        names,
+        groups,
+        out_dtype,
+        "generic",
+        normalized_dtype,
+        float(scale_offset),
+    )
     if mask is not None:
         mask = jnp.broadcast_to(mask, x.shape)
     epsilon = jnp.asarray(epsilon, jnp.finfo(axes_lib.stats_dtype(x.dtype)).dtype)
@@ -139,6 +180,8 @@ def standardize(
             cpu=functools.partial(_standardize, spec._replace(layout="xla_cpu")),
             default=functools.partial(_standardize, spec),
         )
+    if zero_masked_outputs:
+        y = zero_masked(y, mask)
     return y, Moments(mean, var, count)
 
 
@@ -242,9 +285,15 @@ def standardized_output(x, mean, inv_std, gamma=None, beta=None, mask=None, norm
     and PyTorch's ``rms_norm`` / Transformer Engine / HF Gemma's ``x_hat * weight`` in float32 with ``D =
     float32``.
 
+    ``gamma`` and ``beta`` are the effective parameters, per feature or per example (broadcastable to ``x``):
+    ``gamma`` already holds the ``scale_offset`` (added in the statistics dtype by :func:`offset_scale`, so with
+    ``D = float32`` a zero-centered bfloat16 scale gives Gemma's ``x_hat * (1 + weight.float())`` bit for bit)
+    and both hold Batch Renormalization's ``r`` and ``d`` (``gamma r``, ``beta + gamma d``).
+
     Masked-out positions are standardized like the others (with the valid elements' statistics, as Flax does),
     except that a non-finite one outputs ``beta``: padding may hold anything without reaching any result or
-    derivative.
+    derivative. ``zero_masked_outputs`` (:func:`zero_masked`) then selects 0 there, after the rounding to the
+    output dtype.
     """
     deviation = _output_deviation(x, mean, mask)
     if normalized_dtype is None:
@@ -286,9 +335,9 @@ def _forward(spec: _Spec, x, scale, bias, mask, epsilon, renorm):
     own, common = merge_across_devices(local, spec.axis_name, spec.axis_index_groups, centered=spec.centered)
     moments = common.moments()
     inv_std = jax.lax.rsqrt(_nan_if_overflowed(moments.var + epsilon))
-    feature = functools.partial(as_feature, ndim=x.ndim, feature_axes=spec.feature_axes)
     r, d = _renorm_factors(spec, x.ndim, moments, epsilon, renorm)
-    gamma, beta = _affine(None if scale is None else feature(scale), None if bias is None else feature(bias), r, d)
+    gamma = offset_scale(as_affine(scale, x.ndim, spec.feature_axes), spec.scale_offset, inv_std.dtype)
+    gamma, beta = _affine(gamma, as_affine(bias, x.ndim, spec.feature_axes), r, d)
     # The mean as the float sum hi + lo of this device's shift and offset (Fast2Sum): the output subtracts hi, as
     # Flax's does, and the derivative corrects by lo, so its components along the reduced axes still cancel.
     hi = own.shift + own.offset
@@ -330,9 +379,10 @@ def _standardize_jvp(spec: _Spec, primals, tangents):
     # d(inv_std) = -1/2 inv_std^3 (d var + d epsilon); epsilon's tangent is a symbolic zero unless it is traced.
     dinv_std = -0.5 * inv_std * inv_std * inv_std * (dvar + depsilon)
 
-    feature = functools.partial(as_feature, ndim=ndim, feature_axes=spec.feature_axes)
-    dgamma = None if scale is None else feature(dscale)
-    dbeta = None if bias is None else feature(dbias)
+    # The offset is a constant: gamma's tangent is scale's, per feature or per example; JAX's transpose of the
+    # broadcast sums the cotangent over exactly the axes the parameter was broadcast along.
+    dgamma = None if scale is None else as_affine(dscale, ndim, spec.feature_axes)
+    dbeta = None if bias is None else as_affine(dbias, ndim, spec.feature_axes)
     if r is not None and dgamma is not None:  # (x̂ r + d) γ + β, with r and d constants in the derivative
         dgamma, dbeta = dgamma * r, dgamma * d if dbeta is None else dbeta + dgamma * d
     g = jnp.ones((), xf.dtype) if gamma is None else gamma

@@ -23,6 +23,7 @@ def fold_batch_norm(
     var: ArrayLike,
     *,
     epsilon: float = 1e-5,
+    scale_offset: float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
     r"""The kernel and bias of a linear layer with the inference-mode BatchNorm that follows it folded in.
 
@@ -47,6 +48,7 @@ def fold_batch_norm(
       mean: the BatchNorm's running mean ``(out,)``.
       var: the BatchNorm's running variance ``(out,)``.
       epsilon: the BatchNorm's epsilon (Flax's default is 1e-5).
+      scale_offset: the BatchNorm's ``scale_offset``: :math:`\gamma + c` replaces :math:`\gamma` above.
 
     Returns:
       ``(kernel, bias)`` of the folded layer; the bias always exists.
@@ -89,10 +91,20 @@ def fold_batch_norm(
     var_last = jnp.reshape(var, (1,) * (rank - 1) + features)
     # W·s is the standardization of W around mean 0; b' is the BatchNorm of the old bias, with the same s.
     zero = jnp.zeros((), var.dtype)
-    folded_kernel = normalize(kernel, zero, var_last, scale, None, epsilon=epsilon, feature_axes=-1)
+    folded_kernel = normalize(
+        kernel, zero, var_last, scale, None, epsilon=epsilon, feature_axes=-1, scale_offset=scale_offset
+    )
     old_bias = jnp.zeros(features, var.dtype) if bias is None else bias
     folded_bias = normalize(
-        old_bias, mean, var, scale, bn_bias, epsilon=epsilon, feature_axes=0, dtype=jnp.result_type(kernel)
+        old_bias,
+        mean,
+        var,
+        scale,
+        bn_bias,
+        epsilon=epsilon,
+        feature_axes=0,
+        dtype=jnp.result_type(kernel),
+        scale_offset=scale_offset,
     )
     return folded_kernel, folded_bias
 
@@ -102,6 +114,7 @@ def fold_batch_norm_variables(
     pairs: Mapping[_paths.PathSpec, _paths.PathSpec] | Iterable[tuple[_paths.PathSpec, _paths.PathSpec]],
     *,
     epsilon: float = 1e-5,
+    scale_offset: float = 0.0,
 ) -> dict[str, Any]:
     """Folds BatchNorm layers into the Conv/Dense layers before them, on a linen variable tree.
 
@@ -115,6 +128,7 @@ def fold_batch_norm_variables(
       pairs: a mapping (or pairs) from each layer's path to the path of the BatchNorm that follows it, as
         ``"block/Conv_0"`` strings or tuples of names.
       epsilon: the BatchNorm layers' epsilon.
+      scale_offset: the BatchNorm layers' ``scale_offset`` (1.0 for zero-centered scales).
 
     Returns:
       The new variables (a new nested dict; the input is not modified).
@@ -150,6 +164,7 @@ def fold_batch_norm_variables(
             _lookup(result, ("batch_stats", *bn, "mean")),
             _lookup(result, ("batch_stats", *bn, "var")),
             epsilon=epsilon,
+            scale_offset=scale_offset,
         )
         layer_params.update(kernel=kernel, bias=bias)
         for collection in ("params", "batch_stats"):
