@@ -141,6 +141,36 @@ def test_gemma_order_is_bit_exact_with_scale_offset(x_dtype):
     assert_bit_exact(jax.vmap(eqx.tree_at(lambda m: m.weight, eqx_layer, w))(x), want)
 
 
+def qwen3_next_gated(x, weight, gate):
+    """HF Qwen3-Next's ``Qwen3NextRMSNormGated.forward``: Llama's order, then ``* silu(gate.float())``, cast."""
+    return (llama(x, weight).astype(jnp.float32) * jax.nn.silu(gate.astype(jnp.float32))).astype(x.dtype)
+
+
+def test_gated_rms_norm_takes_the_order_qwen3_next_bit_exact():
+    """Op by op, and under ``jit`` against the jitted reference: there XLA may keep the bfloat16 product
+    ``weight * x_hat`` in float32 before the gate (its excess-precision default), in both alike."""
+    x, w, z = _data((16, D), jnp.bfloat16, seed=19), _weight(jnp.bfloat16), _data((16, D), jnp.bfloat16, seed=20)
+
+    def gated(x, w, z, **options):
+        return normjax.gated_rms_norm(x, z, w, epsilon=EPS, normalized_dtype=x.dtype, **options)
+
+    want = qwen3_next_gated(x, w, z)
+    assert_bit_exact(gated(x, w, z), want)
+    assert_bit_exact(jax.jit(gated)(x, w, z), jax.jit(qwen3_next_gated)(x, w, z))
+    assert mismatch(normjax.gated_rms_norm(x, z, w, epsilon=EPS), want) > 0.05  # the default order differs
+    wide = gated(x, w, z, dtype=jnp.float32)
+    assert wide.dtype == jnp.float32
+    assert_bit_exact(wide.astype(jnp.bfloat16), want)
+    options = dict(epsilon=EPS, param_dtype=jnp.bfloat16, normalized_dtype=jnp.bfloat16)
+    assert_bit_exact(njn.RMSNorm(**options).apply({"params": {"scale": w}}, x, gate=z), want)
+    nnx_layer = njx.RMSNorm(D, **options, rngs=nnx.Rngs(0))
+    nnx_layer.scale[...] = w
+    assert_bit_exact(nnx_layer(x, gate=z), want)
+    eqx_layer = nqx.RMSNorm(D, eps=EPS, use_bias=False, dtype=jnp.bfloat16, normalized_dtype=jnp.bfloat16)
+    eqx_layer = eqx.tree_at(lambda m: m.weight, eqx_layer, w)
+    assert_bit_exact(jnp.stack([eqx_layer(x[i], gate=z[i]) for i in range(len(x))]), want)
+
+
 @pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32])
 def test_default_order_is_flax_order_bit_exact(x_dtype):
     x, w = _data((16, D), x_dtype, seed=4), _weight(jnp.float32)
