@@ -62,21 +62,21 @@ def batch_norm_eval(x, running_mean, running_var, scale=None, bias=None, *, axis
     return normalize(x, mean, var, scale, bias, epsilon, features)
 
 
-def layer_norm(x, scale=None, bias=None, *, axis=-1, epsilon=1e-6, mask=None):
-    axes = _axes(axis, np.ndim(x))
+def layer_norm(x, scale=None, bias=None, *, reduction_axes=-1, epsilon=1e-6, mask=None):
+    axes = _axes(reduction_axes, np.ndim(x))
     mean, var, _ = moments(x, axes, mask)
     return normalize(x, mean, var, scale, bias, epsilon, axes)
 
 
-def rms_norm(x, scale=None, *, axis=-1, epsilon=1e-6, mask=None):
-    axes = _axes(axis, np.ndim(x))
+def rms_norm(x, scale=None, *, reduction_axes=-1, epsilon=1e-6, mask=None):
+    axes = _axes(reduction_axes, np.ndim(x))
     mean, var, _ = moments(x, axes, mask, centered=False)
     return normalize(x, mean, var, scale, None, epsilon, axes)
 
 
-def group_norm(x, scale=None, bias=None, *, num_groups, axis=-1, epsilon=1e-6, mask=None):
+def group_norm(x, scale=None, bias=None, *, num_groups, feature_axes=-1, epsilon=1e-6, mask=None):
     x = np.asarray(x, np.float64)
-    c = _axes(axis, x.ndim)[0]
+    c = _axes(feature_axes, x.ndim)[0]
     channels = x.shape[c]
     grouped = x.shape[:c] + (num_groups, channels // num_groups) + x.shape[c + 1 :]
     xg = x.reshape(grouped)
@@ -87,8 +87,8 @@ def group_norm(x, scale=None, bias=None, *, num_groups, axis=-1, epsilon=1e-6, m
     return normalize(y, 0.0, 1.0 - epsilon, scale, bias, epsilon, c)
 
 
-def instance_norm(x, scale=None, bias=None, *, axis=-1, epsilon=1e-6, mask=None):
-    c = _axes(axis, np.ndim(x))[0]
+def instance_norm(x, scale=None, bias=None, *, feature_axes=-1, epsilon=1e-6, mask=None):
+    c = _axes(feature_axes, np.ndim(x))[0]
     mean, var, _ = moments(x, _other((0, c), np.ndim(x)), mask)
     return normalize(x, mean, var, scale, bias, epsilon, c)
 

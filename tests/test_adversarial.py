@@ -142,10 +142,10 @@ CASES = [
     ("momentum-traced-vector", lambda: jax.jit(lambda m: bn_train(momentum=m))(jnp.ones(6)), TypeError, "momentum"),
     ("momentum-layer", lambda: _linen_bn_apply(X, momentum=1.5), ValueError, "momentum"),
     # ---- degenerate normalizations
-    ("layer-norm-no-axis", lambda: nj.layer_norm(X, axis=()), ValueError, "axis"),
-    ("rms-norm-no-axis", lambda: nj.rms_norm(X, axis=()), ValueError, "axis"),
-    ("instance-norm-no-spatial", lambda: nj.instance_norm(X), ValueError, "axis"),
-    ("instance-norm-one-pixel", lambda: nj.instance_norm(jnp.ones((2, 1, 1, 3))), ValueError, "axis"),
+    ("layer-norm-no-axis", lambda: nj.layer_norm(X, reduction_axes=()), ValueError, "reduction_axes"),
+    ("rms-norm-no-axis", lambda: nj.rms_norm(X, reduction_axes=()), ValueError, "reduction_axes"),
+    ("instance-norm-no-spatial", lambda: nj.instance_norm(X), ValueError, "feature_axes"),
+    ("instance-norm-one-pixel", lambda: nj.instance_norm(jnp.ones((2, 1, 1, 3))), ValueError, "feature_axes"),
     ("group-norm-one-value", lambda: nj.group_norm(X, group_size=1), ValueError, "num_groups"),
     (
         "layer-norm-linen-no-axis",
@@ -161,7 +161,7 @@ CASES = [
     ),
     (
         "ln-vmap-no-axis-one-device",
-        lambda: jax.vmap(lambda r: nj.layer_norm(r, axis=(), axis_name="b"), axis_name="b")(X[:1]),
+        lambda: jax.vmap(lambda r: nj.layer_norm(r, reduction_axes=(), axis_name="b"), axis_name="b")(X[:1]),
         ValueError,
         "axis",
     ),

@@ -122,7 +122,7 @@ def test_normalize_and_batch_norm_evaluation_take_the_offset_and_per_example_par
     want = (np.asarray(x, np.float64) - 0.3) / np.sqrt(2.0 + 1e-6) * (np.asarray(scale, np.float64) + 1) + bias
     _close(y, want, jnp.float32)
     assert same is state
-    m = normjax.moments(x, axes=(0, 1), keepdims=True)
+    m = normjax.moments(x, reduction_axes=(0, 1), keepdims=True)
     got = normjax.normalize(x, m.mean, m.var, scale, bias, epsilon=1e-6, scale_offset=1.0)
     _close(got, _ref(x, (0, 1), scale, bias, offset=1.0), jnp.float32)
 

@@ -98,7 +98,7 @@ def test_uncentered_statistics_take_one_small_all_reduce():
     features = 16
     mesh = _mesh(DEVICES, ("d",))
     rms = jax.shard_map(
-        lambda x: normjax.rms_norm(x, axis=(0, 1), feature_axes=-1, axis_name="d"),
+        lambda x: normjax.rms_norm(x, reduction_axes=(0, 1), feature_axes=-1, axis_name="d"),
         mesh=mesh,
         in_specs=P("d"),
         out_specs=P("d"),
@@ -114,7 +114,7 @@ def test_uncentered_statistics_take_one_small_all_reduce():
         lambda x, s, b: normjax.batch_norm(
             x, normjax.init_batch_norm_state(x.shape[-1]), s, b, training=True, axis_name="d"
         )[0],
-        lambda x, s, b: normjax.layer_norm(x, s, b, axis=(0, -1), feature_axes=-1, axis_name="d"),
+        lambda x, s, b: normjax.layer_norm(x, s, b, reduction_axes=(0, -1), feature_axes=-1, axis_name="d"),
     ],
     ids=["batch_norm", "layer_norm"],
 )

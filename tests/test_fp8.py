@@ -73,12 +73,12 @@ def test_functional_norms_default_to_float32_output(dtype):
     for name, (got, want) in cases.items():
         assert got.dtype == jnp.float32, name
         _close(got, want)
-    m = normjax.moments(x, axes=(0, 1))
+    m = normjax.moments(x, reduction_axes=(0, 1))
     want_mean, want_var, _ = reference.moments(ref, (0, 1))
     np.testing.assert_allclose(m.mean, want_mean.reshape(C), rtol=1e-6)
     np.testing.assert_allclose(m.var, want_var.reshape(C), rtol=1e-5)
     assert m.mean.dtype == jnp.float32
-    mk = normjax.moments(x, axes=(0, 1), keepdims=True)
+    mk = normjax.moments(x, reduction_axes=(0, 1), keepdims=True)
     _close(
         normjax.normalize(x, mk.mean, mk.var, scale, bias),
         reference.normalize(ref, mk.mean, mk.var, scale, bias, 1e-5, -1),
@@ -177,14 +177,14 @@ def test_equinox_layers(dtype):
     assert y.dtype == jnp.float32
     _close(y, reference.batch_norm_train(ref, axis=1)[0])
     per_example = {
-        "LayerNorm": (nqx.LayerNorm((C, 4)), reference.layer_norm(ref, axis=(1, 2), epsilon=1e-5)),
-        "RMSNorm": (nqx.RMSNorm((C, 4)), reference.rms_norm(ref, axis=(1, 2), epsilon=1e-5)),
-        "GroupNorm": (nqx.GroupNorm(2, C), reference.group_norm(ref, num_groups=2, axis=1, epsilon=1e-5)),
-        "InstanceNorm": (nqx.InstanceNorm(C), reference.instance_norm(ref, axis=1, epsilon=1e-5)),
+        "LayerNorm": (nqx.LayerNorm((C, 4)), reference.layer_norm(ref, reduction_axes=(1, 2), epsilon=1e-5)),
+        "RMSNorm": (nqx.RMSNorm((C, 4)), reference.rms_norm(ref, reduction_axes=(1, 2), epsilon=1e-5)),
+        "GroupNorm": (nqx.GroupNorm(2, C), reference.group_norm(ref, num_groups=2, feature_axes=1, epsilon=1e-5)),
+        "InstanceNorm": (nqx.InstanceNorm(C), reference.instance_norm(ref, feature_axes=1, epsilon=1e-5)),
     }
     for name, (layer, want) in per_example.items():
         got = jax.vmap(layer)(x)
         assert got.dtype == jnp.float32, name
         _close(got, want)
     with_bias = eqx.tree_at(lambda m: m.bias, nqx.RMSNorm((C, 4)), jnp.full((C, 4), 0.5))
-    _close(jax.vmap(with_bias)(x), reference.rms_norm(ref, axis=(1, 2), epsilon=1e-5) + 0.5)
+    _close(jax.vmap(with_bias)(x), reference.rms_norm(ref, reduction_axes=(1, 2), epsilon=1e-5) + 0.5)

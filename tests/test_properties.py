@@ -109,8 +109,8 @@ def test_layer_norm_matches_reference(data, shape, seed, dtype, mask_kind, use_a
     scale, bias = affine(seed, feature_shape, use_affine)
     mask = random_mask(seed, shape, mask_kind)
     x = random_input(seed, shape, dtype)
-    y = jax.jit(functools.partial(nj.layer_norm, axis=axis))(poison(x, mask), scale, bias, mask=mask)
-    assert_matches(y, reference.layer_norm(exact(x), scale, bias, axis=axis, mask=mask), dtype, mask)
+    y = jax.jit(functools.partial(nj.layer_norm, reduction_axes=axis))(poison(x, mask), scale, bias, mask=mask)
+    assert_matches(y, reference.layer_norm(exact(x), scale, bias, reduction_axes=axis, mask=mask), dtype, mask)
 
 
 @given(data=st.data(), shape=shapes(), **common)
@@ -120,8 +120,8 @@ def test_rms_norm_matches_reference(data, shape, seed, dtype, mask_kind, use_aff
     scale, _ = affine(seed, feature_shape, use_affine)
     mask = random_mask(seed, shape, mask_kind)
     x = random_input(seed, shape, dtype)
-    y = jax.jit(functools.partial(nj.rms_norm, axis=axis))(poison(x, mask), scale, mask=mask)
-    assert_matches(y, reference.rms_norm(exact(x), scale, axis=axis, mask=mask), dtype, mask)
+    y = jax.jit(functools.partial(nj.rms_norm, reduction_axes=axis))(poison(x, mask), scale, mask=mask)
+    assert_matches(y, reference.rms_norm(exact(x), scale, reduction_axes=axis, mask=mask), dtype, mask)
 
 
 @given(data=st.data(), shape=shapes(min_rank=2), **common)
@@ -166,10 +166,10 @@ def test_group_norm_matches_reference(data, spatial, batch, num_groups, group_si
     by = {"num_groups": num_groups} if data.draw(st.booleans()) else {"group_size": group_size}
     if group_size * math.prod(spatial) == 1:  # one value per group: refused, as in PyTorch
         with pytest.raises(ValueError, match="single value"):
-            nj.group_norm(x, axis=axis, **by)
+            nj.group_norm(x, feature_axes=axis, **by)
         return
-    y = jax.jit(functools.partial(nj.group_norm, axis=axis, **by))(poison(x, mask), scale, bias, mask=mask)
-    want = reference.group_norm(exact(x), scale, bias, num_groups=num_groups, axis=axis, mask=mask)
+    y = jax.jit(functools.partial(nj.group_norm, feature_axes=axis, **by))(poison(x, mask), scale, bias, mask=mask)
+    want = reference.group_norm(exact(x), scale, bias, num_groups=num_groups, feature_axes=axis, mask=mask)
     assert_matches(y, want, dtype, mask)
 
 
@@ -181,10 +181,10 @@ def test_instance_norm_matches_reference(data, shape, seed, dtype, mask_kind, us
     x = random_input(seed, shape, dtype)
     if math.prod(shape[1:]) == shape[axis]:  # one value per instance and channel: refused, as in PyTorch
         with pytest.raises(ValueError, match="single value"):
-            nj.instance_norm(x, axis=axis)
+            nj.instance_norm(x, feature_axes=axis)
         return
-    y = jax.jit(functools.partial(nj.instance_norm, axis=axis))(poison(x, mask), scale, bias, mask=mask)
-    assert_matches(y, reference.instance_norm(exact(x), scale, bias, axis=axis, mask=mask), dtype, mask)
+    y = jax.jit(functools.partial(nj.instance_norm, feature_axes=axis))(poison(x, mask), scale, bias, mask=mask)
+    assert_matches(y, reference.instance_norm(exact(x), scale, bias, feature_axes=axis, mask=mask), dtype, mask)
 
 
 # Invariances and output moments. Each norm is described by the axes its statistics are constant over, so one
@@ -195,14 +195,14 @@ INVARIANCE_SHAPES = [(2, 2, 2, 3), (3, 1, 3, 2)]  # (N, G, S, L)
 def _grouped_norm(x):
     """group_norm on (N, G * S, L) with G groups on axis 1, viewed as (N, G, S, L)."""
     n, g, s, length = x.shape
-    y = nj.group_norm(jnp.reshape(x, (n, g * s, length)), num_groups=g, axis=1, epsilon=TINY_EPSILON)
+    y = nj.group_norm(jnp.reshape(x, (n, g * s, length)), num_groups=g, feature_axes=1, epsilon=TINY_EPSILON)
     return jnp.reshape(y, x.shape)
 
 
 # (name, function, the axes each statistic is computed over for an (N, G, S, L) input, centered)
 NORM_CASES = [
-    ("layer_norm", lambda x: nj.layer_norm(x, axis=(-2, -1), epsilon=TINY_EPSILON), (2, 3), True),
-    ("rms_norm", lambda x: nj.rms_norm(x, axis=-1, epsilon=TINY_EPSILON), (3,), False),
+    ("layer_norm", lambda x: nj.layer_norm(x, reduction_axes=(-2, -1), epsilon=TINY_EPSILON), (2, 3), True),
+    ("rms_norm", lambda x: nj.rms_norm(x, reduction_axes=-1, epsilon=TINY_EPSILON), (3,), False),
     (
         "batch_norm",
         lambda x: nj.batch_norm(x, nj.init_batch_norm_state(x.shape[-1]), training=True, epsilon=TINY_EPSILON)[0],

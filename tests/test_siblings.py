@@ -14,10 +14,10 @@ F32 = reference.tolerance(np.float32)
 
 
 # One jitted program per shape compiles ~3x faster than the eager primitive-by-primitive path.
-layer_norm = jax.jit(normjax.layer_norm, static_argnames=("axis", "feature_axes"))
-rms_norm = jax.jit(normjax.rms_norm, static_argnames=("axis", "feature_axes"))
-group_norm = jax.jit(normjax.group_norm, static_argnames=("axis", "num_groups", "group_size"))
-instance_norm = jax.jit(normjax.instance_norm, static_argnames="axis")
+layer_norm = jax.jit(normjax.layer_norm, static_argnames=("reduction_axes", "feature_axes"))
+rms_norm = jax.jit(normjax.rms_norm, static_argnames=("reduction_axes", "feature_axes"))
+group_norm = jax.jit(normjax.group_norm, static_argnames=("feature_axes", "num_groups", "group_size"))
+instance_norm = jax.jit(normjax.instance_norm, static_argnames="feature_axes")
 
 
 def _param_shape(name, shape, axis):
@@ -31,6 +31,14 @@ NORMS = {
     "rms_norm": (rms_norm, reference.rms_norm, {}, False),
     "group_norm": (group_norm, reference.group_norm, {"num_groups": 2}, True),
     "instance_norm": (instance_norm, reference.instance_norm, {}, True),
+}
+
+# name -> the keyword of the axes a layout names: the normalized axes, or the channel axis
+AXES_KEYWORD = {
+    "layer_norm": "reduction_axes",
+    "rms_norm": "reduction_axes",
+    "group_norm": "feature_axes",
+    "instance_norm": "feature_axes",
 }
 
 # name -> [(shape, axis)] over ranks and layouts (channels last and first).
@@ -52,8 +60,9 @@ def _call(name, x, shape, axis, *, dtype=np.float32, mask=None, seed=0):
         params.append(rng.normal(0.0, 0.5, params[0].shape).astype(np.float32))
     epsilon = 1e-5
     as_jnp = None if mask is None else jnp.asarray(mask)
-    got = fn(jnp.asarray(x, dtype), *params, axis=axis, epsilon=epsilon, mask=as_jnp, **kwargs)
-    want = ref(np.asarray(jnp.asarray(x, dtype), np.float64), *params, axis=axis, epsilon=epsilon, mask=mask, **kwargs)
+    kwargs = {AXES_KEYWORD[name]: axis, **kwargs}
+    got = fn(jnp.asarray(x, dtype), *params, epsilon=epsilon, mask=as_jnp, **kwargs)
+    want = ref(np.asarray(jnp.asarray(x, dtype), np.float64), *params, epsilon=epsilon, mask=mask, **kwargs)
     return got, want
 
 
@@ -116,8 +125,8 @@ def test_group_norm_with_one_group_is_layer_norm_over_channels_and_space(shape, 
     rng = np.random.default_rng(6)
     x = jnp.asarray(rng.normal(1.0, 2.0, shape), jnp.float32)
     scale, bias = (jnp.asarray(rng.normal(size=shape[axis]), jnp.float32) for _ in range(2))
-    grouped = group_norm(x, scale, bias, num_groups=1, axis=axis)
-    layered = layer_norm(x, scale, bias, axis=tuple(range(1, len(shape))), feature_axes=axis)
+    grouped = group_norm(x, scale, bias, num_groups=1, feature_axes=axis)
+    layered = layer_norm(x, scale, bias, reduction_axes=tuple(range(1, len(shape))), feature_axes=axis)
     np.testing.assert_allclose(grouped, layered, rtol=1e-5, atol=1e-5)
 
 
@@ -127,10 +136,10 @@ def test_group_norm_with_one_channel_per_group_is_instance_norm(shape, axis):
     x = jnp.asarray(rng.normal(1.0, 2.0, shape), jnp.float32)
     scale, bias = (jnp.asarray(rng.normal(size=shape[axis]), jnp.float32) for _ in range(2))
     channels = shape[axis]
-    by_size = group_norm(x, scale, bias, group_size=1, axis=axis)
-    by_count = group_norm(x, scale, bias, num_groups=channels, axis=axis)
+    by_size = group_norm(x, scale, bias, group_size=1, feature_axes=axis)
+    by_count = group_norm(x, scale, bias, num_groups=channels, feature_axes=axis)
     np.testing.assert_array_equal(by_size, by_count)
-    np.testing.assert_allclose(by_size, instance_norm(x, scale, bias, axis=axis), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(by_size, instance_norm(x, scale, bias, feature_axes=axis), rtol=1e-5, atol=1e-5)
 
 
 def test_group_size_and_num_groups_agree():
@@ -155,11 +164,11 @@ def test_vmap_over_examples_matches_batch(name):
     x = jnp.asarray(np.random.default_rng(10).normal(size=shape), jnp.float32)
     if name in ("group_norm", "instance_norm"):  # these take the batch on axis 0; vmap a batch of batches
         xs = jnp.stack([x, 2 * x + 1])
-        per_batch = jax.vmap(functools.partial(fn, axis=axis, **kwargs))(xs)
-        want = jnp.stack([fn(xi, axis=axis, **kwargs) for xi in xs])
+        per_batch = jax.vmap(functools.partial(fn, feature_axes=axis, **kwargs))(xs)
+        want = jnp.stack([fn(xi, feature_axes=axis, **kwargs) for xi in xs])
     else:  # layer/rms norm are per example: vmapping over the batch axis gives the batched result
-        per_batch = jax.vmap(functools.partial(fn, axis=tuple(a - 1 for a in axis)))(x)
-        want = fn(x, axis=axis)
+        per_batch = jax.vmap(functools.partial(fn, reduction_axes=tuple(a - 1 for a in axis)))(x)
+        want = fn(x, reduction_axes=axis)
     np.testing.assert_allclose(per_batch, want, rtol=1e-6, atol=1e-6)
 
 
@@ -169,8 +178,8 @@ def test_vmap_over_examples_matches_batch(name):
         (lambda: normjax.group_norm(jnp.ones((2, 6)), num_groups=4), r"does not divide the 6 channels"),
         (lambda: normjax.group_norm(jnp.ones((2, 6))), "exactly one of `num_groups` and `group_size`"),
         (lambda: normjax.group_norm(jnp.ones((2, 6)), num_groups=2, group_size=3), "exactly one of"),
-        (lambda: normjax.group_norm(jnp.ones((2, 6)), num_groups=2, axis=0), "batch axis"),
-        (lambda: normjax.instance_norm(jnp.ones((2, 6, 3)), axis=0), "batch axis"),
+        (lambda: normjax.group_norm(jnp.ones((2, 6)), num_groups=2, feature_axes=0), "batch axis"),
+        (lambda: normjax.instance_norm(jnp.ones((2, 6, 3)), feature_axes=0), "batch axis"),
         (lambda: normjax.layer_norm(jnp.ones((2, 6)), jnp.ones(5)), r"`scale` must have shape \(6,\)"),
     ],
 )

@@ -106,7 +106,7 @@ def test_layer_norm(shape, normalized_axes):
     weight, bias = _random(normalized_shape, 11, mean=1.0), _random(normalized_shape, 12)
     _assert_parity(
         lambda x, w, b: F.layer_norm(x, normalized_shape, w, b, eps=EPSILON),
-        lambda x, w, b: normjax.layer_norm(x, w, b, axis=normalized_axes, epsilon=EPSILON),
+        lambda x, w, b: normjax.layer_norm(x, w, b, reduction_axes=normalized_axes, epsilon=EPSILON),
         x, weight, bias,
     )  # fmt: skip
 
@@ -118,7 +118,7 @@ def test_rms_norm(shape, normalized_axes):
     weight = _random(normalized_shape, 14, mean=1.0)
     _assert_parity(
         lambda x, w: F.rms_norm(x, normalized_shape, w, eps=EPSILON),
-        lambda x, w: normjax.rms_norm(x, w, axis=normalized_axes, epsilon=EPSILON),
+        lambda x, w: normjax.rms_norm(x, w, reduction_axes=normalized_axes, epsilon=EPSILON),
         x, weight,
     )  # fmt: skip
 
@@ -130,7 +130,7 @@ def test_group_norm(shape, num_groups):
     weight, bias = _random((channels,), 16, mean=1.0), _random((channels,), 17)
     _assert_parity(
         lambda x, w, b: F.group_norm(x, num_groups, w, b, eps=EPSILON),
-        lambda x, w, b: normjax.group_norm(x, w, b, num_groups=num_groups, axis=1, epsilon=EPSILON),
+        lambda x, w, b: normjax.group_norm(x, w, b, num_groups=num_groups, feature_axes=1, epsilon=EPSILON),
         x, weight, bias,
     )  # fmt: skip
 
@@ -142,6 +142,6 @@ def test_instance_norm(shape):
     weight, bias = _random((channels,), 19, mean=1.0), _random((channels,), 20)
     _assert_parity(
         lambda x, w, b: F.instance_norm(x, weight=w, bias=b, eps=EPSILON),
-        lambda x, w, b: normjax.instance_norm(x, w, b, axis=1, epsilon=EPSILON),
+        lambda x, w, b: normjax.instance_norm(x, w, b, feature_axes=1, epsilon=EPSILON),
         x, weight, bias,
     )  # fmt: skip

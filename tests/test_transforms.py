@@ -22,7 +22,7 @@ NORMS = {
     "batch_norm-ghost": lambda x: nj.batch_norm(x, STATE, training=True, virtual_batch_size=2),
     "batch_norm-renorm": lambda x: nj.batch_norm(x, STATE, training=True, renorm_clipping=(2.0, 1.0)),
     "layer_norm": lambda x: nj.layer_norm(x, SCALE, BIAS),
-    "rms_norm": lambda x: nj.rms_norm(x, SCALE, axis=(-2, -1), feature_axes=-1),
+    "rms_norm": lambda x: nj.rms_norm(x, SCALE, reduction_axes=(-2, -1), feature_axes=-1),
     "group_norm": lambda x: nj.group_norm(x, SCALE, BIAS, num_groups=3),
     "instance_norm": lambda x: nj.instance_norm(x, SCALE, BIAS, mask=x < 1.5),
     "moments": lambda x: nj.moments(x, (0, 1)),

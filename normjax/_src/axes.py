@@ -55,15 +55,18 @@ def canonicalize_axes(axes: Axes, ndim: int, name: str) -> tuple[int, ...]:
     return tuple(sorted(result))
 
 
-def canonicalize_channel_axis(axis: int, ndim: int, norm: str, name: str = "axis") -> int:
+def canonicalize_channel_axis(axis: Axes, ndim: int, norm: str, name: str = "feature_axes") -> int:
     """Returns the single channel axis of a per-example norm (batch on axis 0) as a non-negative int.
 
     Raises naming `name` if `axis` is not a single int, is out of range, or selects axis 0 (the batch axis).
     """
+    if isinstance(axis, tuple | list) and len(axis) == 1:
+        (axis,) = axis
     if not _is_int(axis):
         raise TypeError(
-            f"`{name}` of {norm} must be a single int (the channel axis), got {axis!r}. Pass the channel axis, "
-            f"e.g. `{name}=-1` for NHWC or `{name}=1` for NCHW; the other non-batch axes are reduced automatically."
+            f"`{name}` of {norm} must be a single int or a tuple of one (the channel axis), got {axis!r}. Pass the "
+            f"channel axis, e.g. `{name}=-1` for NHWC or `{name}=1` for NCHW; the other non-batch axes are reduced "
+            "automatically."
         )
     (channel_axis,) = canonicalize_axes(axis, ndim, name)
     if channel_axis == 0:
@@ -731,16 +734,16 @@ def check_batch_norm_values(
 
 
 ONE_VALUE_FIX = {
-    "layer_norm": "`axis=()` reduces nothing: pass the axes to normalize over, e.g. `axis=-1`.",
-    "rms_norm": "`axis=()` reduces nothing: pass the axes to normalize over, e.g. `axis=-1`.",
+    "layer_norm": "`reduction_axes=()` reduces nothing: pass the axes to normalize over, e.g. `reduction_axes=-1`.",
+    "rms_norm": "`reduction_axes=()` reduces nothing: pass the axes to normalize over, e.g. `reduction_axes=-1`.",
     "group_norm": (
         "Use fewer groups (`num_groups`) or a larger `group_size`, or an input with spatial axes (e.g. (N, H, W, "
         "C)); for an (N, C) input with one channel per group use layer_norm or batch_norm."
     ),
     "instance_norm": (
-        "InstanceNorm reduces the axes other than the batch (axis 0) and the channel `axis`, so it needs spatial "
-        "axes with more than one element (e.g. (N, H, W, C)), as in PyTorch; for an (N, C) input use layer_norm "
-        "or batch_norm."
+        "InstanceNorm reduces the axes other than the batch (axis 0) and the channel `feature_axes`, so it needs "
+        "spatial axes with more than one element (e.g. (N, H, W, C)), as in PyTorch; for an (N, C) input use "
+        "layer_norm or batch_norm."
     ),
 }
 

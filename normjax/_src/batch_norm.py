@@ -6,32 +6,35 @@ import jax
 import jax.numpy as jnp
 
 from normjax._src import axes as axes_lib
+from normjax._src.boundary import named_scope
 from normjax._src.normalize import normalize
 from normjax._src.standardize import Renorm, as_feature, standardize, zero_masked
 from normjax._src.state import BatchNormState, ema_update
+from normjax._src.typing import ArrayLike, Axes, AxisIndexGroups, AxisName, DTypeLike
 
 
+@named_scope("batch_norm")
 def batch_norm(
-    x: jax.Array,
+    x: ArrayLike,
     state: BatchNormState,
-    scale: jax.Array | None = None,
-    bias: jax.Array | None = None,
+    scale: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
     *,
     training: bool,
     momentum: float = 0.99,
     epsilon: float = 1e-5,
-    axis: axes_lib.Axes = -1,
-    axis_name: axes_lib.AxisName = None,
-    axis_index_groups=None,
-    mask: jax.Array | None = None,
+    axis: Axes = -1,
+    axis_name: AxisName = None,
+    axis_index_groups: AxisIndexGroups = None,
+    mask: ArrayLike | None = None,
     unbiased_running_var: bool = False,
     skip_nonfinite: bool = True,
     allow_single_value: bool = False,
     virtual_batch_size: int | None = None,
     renorm_clipping: tuple[float, float] | None = None,
     renorm_warmup_steps: int = 0,
-    dtype=None,
-    normalized_dtype=None,
+    dtype: DTypeLike | None = None,
+    normalized_dtype: DTypeLike | None = None,
     scale_offset: float = 0.0,
     zero_masked_outputs: bool = False,
 ) -> tuple[jax.Array, BatchNormState]:

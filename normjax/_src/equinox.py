@@ -10,26 +10,22 @@ normalization is computed by :func:`normjax.batch_norm`, :func:`normjax.layer_no
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
-try:
-    import equinox as eqx
-except ImportError as error:  # an optional dependency: `import normjax` alone never needs it
-    raise ImportError(
-        "normjax.equinox needs Equinox, which is not installed. Install it with `pip install 'normjax[equinox]'` "
-        "(or `pip install equinox`)."
-    ) from error
-
 from normjax._src import axes as axes_lib
 from normjax._src.batch_norm import batch_norm
 from normjax._src.example_norms import gated_rms_norm, group_norm, instance_norm, layer_norm, rms_norm
+from normjax._src.optional_dependencies import import_optional
 from normjax._src.state import BatchNormState, init_batch_norm_state
+from normjax._src.typing import AxisName
 
-AxisName = Hashable | Sequence[Hashable]
+eqx = import_optional(
+    "equinox", needed_by="normjax.equinox"
+)  # an optional dependency: `import normjax` alone never needs it
 
 
 def _param_dtype(dtype) -> jnp.dtype:
@@ -357,8 +353,8 @@ class LayerNorm(eqx.Module):
             )
         weight, bias = _affine(self, weight, bias, "use_{}")
         y = layer_norm(
-            x, weight, bias, axis=tuple(range(x.ndim)), epsilon=self.eps, normalized_dtype=self.normalized_dtype,
-            scale_offset=self.scale_offset,
+            x, weight, bias, reduction_axes=tuple(range(x.ndim)), epsilon=self.eps,
+            normalized_dtype=self.normalized_dtype, scale_offset=self.scale_offset,
         )  # fmt: skip
         return y if state is None else (y, state)
 
@@ -462,7 +458,7 @@ class RMSNorm(eqx.Module):
             )
         weight, bias = _affine(self, weight, bias, "use_{}")
         options = dict(
-            axis=tuple(range(x.ndim)),
+            reduction_axes=tuple(range(x.ndim)),
             epsilon=self.eps,
             normalized_dtype=self.normalized_dtype,
             scale_offset=self.scale_offset,
@@ -584,7 +580,7 @@ class GroupNorm(eqx.Module):
             )
         weight, bias = _affine(self, weight, bias, "channelwise_affine")
         y = group_norm(
-            x[None], weight, bias, num_groups=self.groups, axis=1, epsilon=self.eps,
+            x[None], weight, bias, num_groups=self.groups, feature_axes=1, epsilon=self.eps,
             normalized_dtype=self.normalized_dtype, scale_offset=self.scale_offset,
         )[0]  # fmt: skip
         return y if state is None else (y, state)
@@ -683,7 +679,7 @@ class InstanceNorm(eqx.Module):
             )
         weight, bias = _affine(self, weight, bias, "channelwise_affine")
         y = instance_norm(
-            x[None], weight, bias, axis=1, epsilon=self.eps, normalized_dtype=self.normalized_dtype,
+            x[None], weight, bias, feature_axes=1, epsilon=self.eps, normalized_dtype=self.normalized_dtype,
             scale_offset=self.scale_offset,
         )[0]  # fmt: skip
         return y if state is None else (y, state)

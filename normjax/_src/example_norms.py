@@ -8,41 +8,45 @@ import jax
 import jax.numpy as jnp
 
 from normjax._src import axes as axes_lib
+from normjax._src.boundary import named_scope, renamed_keywords
 from normjax._src.standardize import standardize
+from normjax._src.typing import ArrayLike, Axes, AxisIndexGroups, AxisName, DTypeLike
 
 
+@renamed_keywords(axis="reduction_axes")
+@named_scope("layer_norm")
 def layer_norm(
-    x: jax.Array,
-    scale: jax.Array | None = None,
-    bias: jax.Array | None = None,
+    x: ArrayLike,
+    scale: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
     *,
-    axis: axes_lib.Axes = -1,
+    reduction_axes: Axes = -1,
     epsilon: float = 1e-6,
-    mask: jax.Array | None = None,
-    feature_axes: axes_lib.Axes | None = None,
-    axis_name: axes_lib.AxisName = None,
-    axis_index_groups=None,
-    dtype=None,
-    normalized_dtype=None,
+    mask: ArrayLike | None = None,
+    feature_axes: Axes | None = None,
+    axis_name: AxisName = None,
+    axis_index_groups: AxisIndexGroups = None,
+    dtype: DTypeLike | None = None,
+    normalized_dtype: DTypeLike | None = None,
     scale_offset: float = 0.0,
     zero_masked_outputs: bool = False,
 ) -> jax.Array:
-    r"""Layer Normalization (Ba, Kiros & Hinton, 2016): standardize each example over ``axis``.
+    r"""Layer Normalization (Ba, Kiros & Hinton, 2016): standardize each example over ``reduction_axes``.
 
     .. math::
 
         y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\,\gamma + \beta, \qquad
-        \mu, \sigma^2 \text{ over the axes } \texttt{axis} \text{ of each example}
+        \mu, \sigma^2 \text{ over the axes } \texttt{reduction\_axes} \text{ of each example}
 
     Args:
       x: the input, e.g. ``(N, T, D)``.
       scale: optional :math:`\gamma`, of the shape of ``x`` along ``feature_axes``, or per example:
         of ``x``'s rank, broadcastable to ``x`` (e.g. ``(N, 1, D)`` for ``(N, T, D)``: AdaLN, FiLM).
       bias: optional :math:`\beta`, likewise.
-      axis: the normalized axis or axes.
+      reduction_axes: the normalized axis or axes.
       epsilon: a small positive number added to the variance.
       mask: optional boolean array broadcastable to ``x``; False elements are ignored by the statistics.
-      feature_axes: the axes ``scale`` and ``bias`` run along; defaults to ``axis``.
+      feature_axes: the axes ``scale`` and ``bias`` run along; defaults to ``reduction_axes``.
       axis_name: optional mapped axis over which the statistics are also reduced.
       axis_index_groups: optional groups along ``axis_name``.
       dtype: the output dtype; defaults to ``x``'s (float32 for an 8-bit float ``x``).
@@ -67,14 +71,14 @@ def layer_norm(
       Ba, Kiros & Hinton, "Layer Normalization", arXiv:1607.06450, 2016.
     """
     axes_lib.check_inexact(x)
-    axis = axes_lib.canonicalize_axes(axis, jnp.ndim(x), "axis")  # so errors name `axis`, not the core's `axes`
-    axes_lib.check_norm_values("layer_norm", x.shape, axis, axis_name, axis_index_groups)  # argument check (axes.py)
+    reduction_axes = axes_lib.canonicalize_axes(reduction_axes, jnp.ndim(x), "reduction_axes")
+    axes_lib.check_norm_values("layer_norm", x.shape, reduction_axes, axis_name, axis_index_groups)
     return standardize(
         x,
         scale,
         bias,
-        reduction_axes=axis,
-        feature_axes=axis if feature_axes is None else feature_axes,
+        reduction_axes=reduction_axes,
+        feature_axes=reduction_axes if feature_axes is None else feature_axes,
         epsilon=epsilon,
         mask=mask,
         axis_name=axis_name,
@@ -86,19 +90,21 @@ def layer_norm(
     )[0]
 
 
+@renamed_keywords(axis="reduction_axes")
+@named_scope("rms_norm")
 def rms_norm(
-    x: jax.Array,
-    scale: jax.Array | None = None,
-    bias: jax.Array | None = None,
+    x: ArrayLike,
+    scale: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
     *,
-    axis: axes_lib.Axes = -1,
+    reduction_axes: Axes = -1,
     epsilon: float = 1e-6,
-    mask: jax.Array | None = None,
-    feature_axes: axes_lib.Axes | None = None,
-    axis_name: axes_lib.AxisName = None,
-    axis_index_groups=None,
-    dtype=None,
-    normalized_dtype=None,
+    mask: ArrayLike | None = None,
+    feature_axes: Axes | None = None,
+    axis_name: AxisName = None,
+    axis_index_groups: AxisIndexGroups = None,
+    dtype: DTypeLike | None = None,
+    normalized_dtype: DTypeLike | None = None,
     scale_offset: float = 0.0,
     zero_masked_outputs: bool = False,
 ) -> jax.Array:
@@ -113,10 +119,10 @@ def rms_norm(
       scale: optional :math:`\gamma`, of the shape of ``x`` along ``feature_axes``, or per example:
         of ``x``'s rank, broadcastable to ``x`` (e.g. ``(N, 1, D)`` for ``(N, T, D)``: AdaLN, FiLM).
       bias: optional :math:`\beta` (Equinox's RMSNorm has one; most others do not), likewise.
-      axis: the normalized axis or axes.
+      reduction_axes: the normalized axis or axes.
       epsilon: a small positive number added to the mean square.
       mask: optional boolean array broadcastable to ``x``.
-      feature_axes: the axes ``scale`` and ``bias`` run along; defaults to ``axis``.
+      feature_axes: the axes ``scale`` and ``bias`` run along; defaults to ``reduction_axes``.
       axis_name: optional mapped axis over which the statistics are also reduced.
       axis_index_groups: optional groups along ``axis_name``.
       dtype: the output dtype; defaults to ``x``'s (float32 for an 8-bit float ``x``).
@@ -141,14 +147,14 @@ def rms_norm(
       Zhang & Sennrich, "Root Mean Square Layer Normalization", NeurIPS 2019.
     """
     axes_lib.check_inexact(x)
-    axis = axes_lib.canonicalize_axes(axis, jnp.ndim(x), "axis")  # so errors name `axis`, not the core's `axes`
-    axes_lib.check_norm_values("rms_norm", x.shape, axis, axis_name, axis_index_groups)  # argument check (axes.py)
+    reduction_axes = axes_lib.canonicalize_axes(reduction_axes, jnp.ndim(x), "reduction_axes")
+    axes_lib.check_norm_values("rms_norm", x.shape, reduction_axes, axis_name, axis_index_groups)
     return standardize(
         x,
         scale,
         bias,
-        reduction_axes=axis,
-        feature_axes=axis if feature_axes is None else feature_axes,
+        reduction_axes=reduction_axes,
+        feature_axes=reduction_axes if feature_axes is None else feature_axes,
         epsilon=epsilon,
         mask=mask,
         centered=False,
@@ -161,21 +167,23 @@ def rms_norm(
     )[0]
 
 
+@renamed_keywords(axis="reduction_axes")
+@named_scope("gated_rms_norm")
 def gated_rms_norm(
-    x: jax.Array,
-    gate: jax.Array,
-    scale: jax.Array | None = None,
-    bias: jax.Array | None = None,
+    x: ArrayLike,
+    gate: ArrayLike,
+    scale: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
     *,
     norm_before_gate: bool = True,
-    axis: axes_lib.Axes = -1,
+    reduction_axes: Axes = -1,
     epsilon: float = 1e-6,
-    mask: jax.Array | None = None,
-    feature_axes: axes_lib.Axes | None = None,
-    axis_name: axes_lib.AxisName = None,
-    axis_index_groups=None,
-    dtype=None,
-    normalized_dtype=None,
+    mask: ArrayLike | None = None,
+    feature_axes: Axes | None = None,
+    axis_name: AxisName = None,
+    axis_index_groups: AxisIndexGroups = None,
+    dtype: DTypeLike | None = None,
+    normalized_dtype: DTypeLike | None = None,
     scale_offset: float = 0.0,
     zero_masked_outputs: bool = False,
 ) -> jax.Array:
@@ -200,10 +208,10 @@ def gated_rms_norm(
         :func:`rms_norm`).
       bias: optional :math:`\beta`, likewise.
       norm_before_gate: normalize then gate (True), or gate then normalize (False).
-      axis: the normalized axis or axes.
+      reduction_axes: the normalized axis or axes.
       epsilon: a small positive number added to the mean square.
       mask: optional boolean array broadcastable to ``x``; False elements are left out of the statistics.
-      feature_axes: the axes ``scale`` runs along; defaults to ``axis``.
+      feature_axes: the axes ``scale`` runs along; defaults to ``reduction_axes``.
       axis_name: optional mapped axis over which the statistics are also reduced.
       axis_index_groups: optional groups along ``axis_name``.
       dtype: the output dtype; defaults to ``x``'s (float32 for an 8-bit float ``x``).
@@ -229,8 +237,8 @@ def gated_rms_norm(
     axes_lib.check_inexact(x)
     axes_lib.check_gate(gate, x.shape)
     axes_lib.check_static_bool(norm_before_gate, "norm_before_gate")
-    axis = axes_lib.canonicalize_axes(axis, jnp.ndim(x), "axis")
-    axes_lib.check_norm_values("rms_norm", x.shape, axis, axis_name, axis_index_groups)
+    reduction_axes = axes_lib.canonicalize_axes(reduction_axes, jnp.ndim(x), "reduction_axes")
+    axes_lib.check_norm_values("rms_norm", x.shape, reduction_axes, axis_name, axis_index_groups)
     axes_lib.check_float_dtype(dtype)
     out_dtype = axes_lib.output_dtype(x, dtype)
     wide = axes_lib.stats_dtype(axes_lib.promote_types(x.dtype, jnp.result_type(gate)))
@@ -239,8 +247,8 @@ def gated_rms_norm(
         standardize,
         scale=scale,
         bias=bias,
-        reduction_axes=axis,
-        feature_axes=axis if feature_axes is None else feature_axes,
+        reduction_axes=reduction_axes,
+        feature_axes=reduction_axes if feature_axes is None else feature_axes,
         epsilon=epsilon,
         mask=mask,
         centered=False,
@@ -255,38 +263,43 @@ def gated_rms_norm(
     return normalize(x.astype(wide) * silu, dtype=out_dtype)[0]
 
 
+@renamed_keywords(axis="feature_axes")
+@named_scope("group_norm")
 def group_norm(
-    x: jax.Array,
-    scale: jax.Array | None = None,
-    bias: jax.Array | None = None,
+    x: ArrayLike,
+    scale: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
     *,
     num_groups: int | None = None,
     group_size: int | None = None,
-    axis: int = -1,
+    feature_axes: Axes = -1,
+    reduction_axes: Axes | None = None,
     epsilon: float = 1e-6,
-    mask: jax.Array | None = None,
-    axis_name: axes_lib.AxisName = None,
-    axis_index_groups=None,
-    dtype=None,
-    normalized_dtype=None,
+    mask: ArrayLike | None = None,
+    axis_name: AxisName = None,
+    axis_index_groups: AxisIndexGroups = None,
+    dtype: DTypeLike | None = None,
+    normalized_dtype: DTypeLike | None = None,
     scale_offset: float = 0.0,
     zero_masked_outputs: bool = False,
 ) -> jax.Array:
     r"""Group Normalization (Wu & He, 2018): standardize groups of contiguous channels of each example.
 
-    The channels along ``axis`` are split into ``num_groups`` contiguous blocks (as in PyTorch and Flax); each
-    block is standardized over its channels and every other non-batch axis (axis 0 is the batch), then the
-    per-channel affine is applied. One group is LayerNorm over channels and spatial axes; one channel per
-    group is InstanceNorm.
+    The channels along ``feature_axes`` are split into ``num_groups`` contiguous blocks (as in PyTorch and
+    Flax); each block is standardized over its channels and ``reduction_axes`` (by default every other non-batch
+    axis; axis 0 is the batch), then the per-channel affine is applied. One group is LayerNorm over channels
+    and spatial axes; one channel per group is InstanceNorm.
 
     Args:
-      x: the input with the batch on axis 0, e.g. ``(N, H, W, C)`` or ``(N, C, H, W)`` with ``axis=1``.
+      x: the input with the batch on axis 0, e.g. ``(N, H, W, C)`` or ``(N, C, H, W)`` with ``feature_axes=1``.
       scale: optional per-channel :math:`\gamma`, shape ``(C,)``, or per example: of ``x``'s rank,
         broadcastable to ``x`` (e.g. ``(N, 1, 1, C)``).
       bias: optional :math:`\beta`, likewise.
       num_groups: the number of groups; give exactly one of ``num_groups`` and ``group_size``.
       group_size: the number of channels per group.
-      axis: the channel axis.
+      feature_axes: the channel axis (an int, or a tuple of one).
+      reduction_axes: the axes each group is standardized over, Flax's GroupNorm's: they must include the
+        channel axis; default every axis but the batch axis 0.
       epsilon: a small positive number added to the variance.
       mask: optional boolean array broadcastable to ``x``.
       axis_name: optional mapped axis over which the statistics are also reduced.
@@ -315,15 +328,15 @@ def group_norm(
     """
     axes_lib.check_inexact(x)
     ndim = jnp.ndim(x)
-    channel_axis = axes_lib.canonicalize_channel_axis(axis, ndim, "group_norm")
+    channel_axis = axes_lib.canonicalize_channel_axis(feature_axes, ndim, "group_norm", "feature_axes")
     channels = x.shape[channel_axis]
     groups = axes_lib.check_groups(channels, num_groups, group_size)
+    grouped_reduction = _grouped_reduction_axes(reduction_axes, ndim, channel_axis)
     if mask is not None:
         axes_lib.check_mask(mask, x.shape)
         mask = jnp.broadcast_to(mask, x.shape)
     grouped_shape = x.shape[:channel_axis] + (groups, channels // groups) + x.shape[channel_axis + 1 :]
     regroup = lambda a: None if a is None else jnp.reshape(a, grouped_shape)  # noqa: E731
-    grouped_reduction = axes_lib.complement((0, channel_axis), len(grouped_shape))
     axes_lib.check_norm_values("group_norm", grouped_shape, grouped_reduction, axis_name, axis_index_groups)
     what = f"one value per channel along axis {channel_axis}"
     axes_lib.check_affine(scale, x.shape, (channel_axis,), "scale", what)
@@ -332,7 +345,7 @@ def group_norm(
         regroup(x),
         per_group(scale, ndim, channel_axis, groups),
         per_group(bias, ndim, channel_axis, groups),
-        reduction_axes=axes_lib.complement((0, channel_axis), len(grouped_shape)),
+        reduction_axes=grouped_reduction,
         feature_axes=(channel_axis, channel_axis + 1),
         epsilon=epsilon,
         mask=regroup(mask),
@@ -344,6 +357,21 @@ def group_norm(
         zero_masked_outputs=zero_masked_outputs,
     )[0]
     return jnp.reshape(y, x.shape)
+
+
+def _grouped_reduction_axes(reduction_axes: Axes | None, ndim: int, channel_axis: int) -> tuple[int, ...]:
+    """GroupNorm's ``reduction_axes`` on the grouped view (the channel axis split into ``(groups, channels per
+    group)``): the channel axis becomes the axis of the channels within a group, the axes after it shift by one."""
+    if reduction_axes is None:
+        reduction_axes = tuple(range(1, ndim))
+    axes = axes_lib.canonicalize_axes(reduction_axes, ndim, "reduction_axes")
+    if channel_axis not in axes:
+        raise ValueError(
+            f"`reduction_axes`={reduction_axes!r} of group_norm must include the channel axis {channel_axis} "
+            f"(`feature_axes`): the channels of a group are always reduced together; input rank {ndim}. Pass "
+            f"`reduction_axes={tuple(sorted(axes + (channel_axis,)))}`."
+        )
+    return tuple(a + (a >= channel_axis) for a in axes)
 
 
 def per_group(param: jax.Array | None, ndim: int, channel_axis: int, groups: int) -> jax.Array | None:
@@ -362,18 +390,20 @@ def per_group(param: jax.Array | None, ndim: int, channel_axis: int, groups: int
     return jnp.reshape(param, shape[:channel_axis] + split + shape[channel_axis + 1 :])
 
 
+@renamed_keywords(axis="feature_axes")
+@named_scope("instance_norm")
 def instance_norm(
-    x: jax.Array,
-    scale: jax.Array | None = None,
-    bias: jax.Array | None = None,
+    x: ArrayLike,
+    scale: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
     *,
-    axis: int = -1,
+    feature_axes: Axes = -1,
     epsilon: float = 1e-6,
-    mask: jax.Array | None = None,
-    axis_name: axes_lib.AxisName = None,
-    axis_index_groups=None,
-    dtype=None,
-    normalized_dtype=None,
+    mask: ArrayLike | None = None,
+    axis_name: AxisName = None,
+    axis_index_groups: AxisIndexGroups = None,
+    dtype: DTypeLike | None = None,
+    normalized_dtype: DTypeLike | None = None,
     scale_offset: float = 0.0,
     zero_masked_outputs: bool = False,
 ) -> jax.Array:
@@ -383,14 +413,14 @@ def instance_norm(
 
         y_{n,c} = \frac{x_{n,c} - \mu_{n,c}}{\sqrt{\sigma^2_{n,c} + \epsilon}}\,\gamma_c + \beta_c
 
-    with the statistics over every axis but the batch (axis 0) and the channel axis.
+    with the statistics over every axis but the batch (axis 0) and the channel axes ``feature_axes``.
 
     Args:
       x: the input with the batch on axis 0, e.g. ``(N, H, W, C)``.
       scale: optional per-channel :math:`\gamma`, shape ``(C,)``, or per example: of ``x``'s rank,
         broadcastable to ``x`` (e.g. ``(N, 1, 1, C)``).
       bias: optional :math:`\beta`, likewise.
-      axis: the channel axis.
+      feature_axes: the channel axis or axes (Flax's InstanceNorm's), never the batch axis 0.
       epsilon: a small positive number added to the variance.
       mask: optional boolean array broadcastable to ``x``.
       axis_name: optional mapped axis over which the statistics are also reduced.
@@ -420,15 +450,14 @@ def instance_norm(
     """
     axes_lib.check_inexact(x)
     ndim = jnp.ndim(x)
-    channel_axis = axes_lib.canonicalize_channel_axis(axis, ndim, "instance_norm")
-    reduction_axes = axes_lib.complement((0, channel_axis), ndim)
+    feature_axes, reduction_axes = instance_norm_axes(ndim, feature_axes)
     axes_lib.check_norm_values("instance_norm", x.shape, reduction_axes, axis_name, axis_index_groups)  # (axes.py)
     return standardize(
         x,
         scale,
         bias,
         reduction_axes=reduction_axes,
-        feature_axes=channel_axis,
+        feature_axes=feature_axes,
         epsilon=epsilon,
         mask=mask,
         axis_name=axis_name,
@@ -438,3 +467,16 @@ def instance_norm(
         scale_offset=scale_offset,
         zero_masked_outputs=zero_masked_outputs,
     )[0]
+
+
+def instance_norm_axes(ndim: int, feature_axes: Axes) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """InstanceNorm's axes, Flax's: ``(feature_axes, reduction_axes)``, reducing every axis but 0 and the
+    features."""
+    features = axes_lib.canonicalize_axes(feature_axes, ndim, "feature_axes")
+    if 0 in features:
+        raise ValueError(
+            "The channel axes cannot include the leading dimension as this is assumed to be the batch axis. "
+            f"`feature_axes`={feature_axes!r} includes axis 0 of the rank-{ndim} input. Put the batch first and "
+            "pass the channel axes (e.g. -1 for NHWC); for a single example add a batch axis with `x[None]`."
+        )
+    return features, axes_lib.complement((0,) + features, ndim)

@@ -316,7 +316,8 @@ def apply_standardize(
     check_several_values(x.shape, reduction_axes, axis_name, axis_index_groups, layer=layer, initializing=initializing)
     if gate is not None:
         return gated_rms_norm(
-            x, gate, scale, norm_before_gate=norm_before_gate, axis=reduction_axes, epsilon=epsilon,
+            x, gate, scale, norm_before_gate=norm_before_gate, reduction_axes=reduction_axes,
+            epsilon=epsilon,
             mask=bool_mask(mask), feature_axes=feature_axes, axis_name=axis_name if sync else None,
             axis_index_groups=axis_index_groups if sync else None, dtype=out, normalized_dtype=normalized_dtype,
             scale_offset=scale_offset, zero_masked_outputs=zero_masked_outputs,
@@ -337,18 +338,6 @@ def apply_standardize(
         scale_offset=scale_offset,
         zero_masked_outputs=zero_masked_outputs,
     )[0]
-
-
-def instance_norm_axes(ndim: int, feature_axes: axes_lib.Axes) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Flax's InstanceNorm axes: ``(feature_axes, reduction_axes)``, reducing every axis but 0 and the features."""
-    features = axes_lib.canonicalize_axes(feature_axes, ndim, "feature_axes")
-    if 0 in features:
-        raise ValueError(
-            "The channel axes cannot include the leading dimension as this is assumed to be the batch axis. "
-            f"`feature_axes`={feature_axes!r} includes axis 0 of the rank-{ndim} input. Put the batch first and "
-            "pass the channel axes (e.g. -1 for NHWC); for a single example add a batch axis with `x[None]`."
-        )
-    return features, axes_lib.complement((0,) + features, ndim)
 
 
 def group_count(channels: int, num_groups: int | None, group_size: int | None, channels_word="channels") -> int:

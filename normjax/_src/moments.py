@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from normjax._src import axes as axes_lib
+from normjax._src.boundary import named_scope, renamed_keywords
 from normjax._src.typing import ArrayLike, Axes, AxisIndexGroups, AxisName
 
 # A layout's reduction (normjax._src.layout): total(fn, operands) sums fn(*operands) over the axes, keepdims.
@@ -313,9 +314,11 @@ def plain_total(axes: tuple[int, ...]) -> Total:
     return lambda fn, operands: jnp.sum(fn(*operands), axes, keepdims=True)
 
 
+@renamed_keywords(axes="reduction_axes")
+@named_scope("moments")
 def moments(
     x: ArrayLike,
-    axes: Axes,
+    reduction_axes: Axes,
     *,
     mask: ArrayLike | None = None,
     axis_name: AxisName = None,
@@ -323,7 +326,7 @@ def moments(
     keepdims: bool = False,
     centered: bool = True,
 ) -> Moments:
-    r"""Mean, biased variance and count of ``x`` over ``axes``, stable and exact across devices.
+    r"""Mean, biased variance and count of ``x`` over ``reduction_axes``, stable and exact across devices.
 
     .. math::
 
@@ -344,7 +347,7 @@ def moments(
 
     Args:
       x: a floating-point or complex array.
-      axes: the axes to reduce (int or tuple; may be empty when ``axis_name`` does all the reducing).
+      reduction_axes: the axes to reduce (int or tuple; may be empty when ``axis_name`` does all the reducing).
       mask: optional boolean array broadcastable to ``x``; ``False`` elements contribute nothing whatever they
         hold (NaN, inf).
       axis_name: optional name (or tuple of names) of a mapped axis (``pmap``, ``shard_map``, ``vmap``) over
@@ -360,12 +363,12 @@ def moments(
       >>> import jax.numpy as jnp
       >>> import normjax
       >>> x = jnp.array([[1e4 + 1.0, 1.0], [1e4 - 1.0, 3.0]])
-      >>> m = normjax.moments(x, axes=0)
+      >>> m = normjax.moments(x, reduction_axes=0)
       >>> m.mean.tolist(), m.var.tolist(), m.count.tolist()
       ([10000.0, 2.0], [1.0, 1.0], [2.0, 2.0])
     """
     axes_lib.check_inexact(x)
-    reduce_axes = axes_lib.canonicalize_axes(axes, jnp.ndim(x), "axes")
+    reduce_axes = axes_lib.canonicalize_axes(reduction_axes, jnp.ndim(x), "reduction_axes")
     axes_lib.check_mask(mask, jnp.shape(x))
     axes_lib.check_axis_name(axis_name, axis_index_groups)
     axes_lib.check_static_bool(keepdims, "keepdims")  # argument check (axes.py)

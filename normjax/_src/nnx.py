@@ -23,6 +23,7 @@ from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
 
 from normjax._src import axes as axes_lib
 from normjax._src import flax_conventions as common
+from normjax._src.example_norms import instance_norm_axes
 
 _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 # Flax's defaults, made once (a call in a signature default is evaluated once anyway).
@@ -754,7 +755,7 @@ class InstanceNorm(nnx.Module):
         Returns:
           The normalized input, of ``x``'s shape.
         """
-        feature_axes, reduction_axes = common.instance_norm_axes(jnp.ndim(x), self.feature_axes)
+        feature_axes, reduction_axes = instance_norm_axes(jnp.ndim(x), self.feature_axes)
         common.check_input_features(x, self.feature_axes, "feature_axes", self.num_features, "InstanceNorm")
         x, scale, bias = self.promote_dtype((x, *_affine(self, scale, bias)), dtype=self.dtype)
         return common.apply_standardize(

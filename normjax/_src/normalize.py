@@ -6,22 +6,25 @@ import jax
 import jax.numpy as jnp
 
 from normjax._src import axes as axes_lib
+from normjax._src.boundary import named_scope
 from normjax._src.standardize import as_affine, check_normalized_dtype, offset_scale, standardized_output
+from normjax._src.typing import ArrayLike, Axes, DTypeLike
 
 
+@named_scope("normalize")
 def normalize(
-    x: jax.Array,
-    mean: jax.Array,
-    var: jax.Array,
-    scale: jax.Array | None = None,
-    bias: jax.Array | None = None,
+    x: ArrayLike,
+    mean: ArrayLike,
+    var: ArrayLike,
+    scale: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
     *,
     epsilon: float = 1e-5,
-    feature_axes: axes_lib.Axes = -1,
-    dtype=None,
-    normalized_dtype=None,
+    feature_axes: Axes = -1,
+    dtype: DTypeLike | None = None,
+    normalized_dtype: DTypeLike | None = None,
     scale_offset: float = 0.0,
-    mask: jax.Array | None = None,
+    mask: ArrayLike | None = None,
 ) -> jax.Array:
     r"""Standardizes ``x`` with given moments and applies an optional affine transform.
 

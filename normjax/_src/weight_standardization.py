@@ -6,14 +6,17 @@ import jax
 import jax.numpy as jnp
 
 from normjax._src import axes as axes_lib
+from normjax._src.boundary import named_scope
 from normjax._src.standardize import standardize
+from normjax._src.typing import ArrayLike, Axes
 
 
+@named_scope("weight_standardize")
 def weight_standardize(
-    kernel: jax.Array,
-    scale: jax.Array | None = None,
+    kernel: ArrayLike,
+    scale: ArrayLike | None = None,
     *,
-    reduction_axes: axes_lib.Axes | None = None,
+    reduction_axes: Axes | None = None,
     epsilon: float = 1e-10,
 ) -> jax.Array:
     r"""Weight Standardization (Qiao et al., 2019), BiT's and NFNet's ``StdConv``: standardize each output filter.
