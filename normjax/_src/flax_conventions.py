@@ -57,7 +57,7 @@ def refuse_nnx_call_inside_linen_freeze(training: bool) -> None:
         )
 
 
-def output_dtype(*arrays: jax.Array | None, dtype=None) -> jnp.dtype:
+def layer_output_dtype(*arrays: jax.Array | None, dtype=None) -> jnp.dtype:
     """Flax's output dtype for a normalization layer: ``dtype`` if given, else the promoted dtype of ``arrays``.
 
     This is ``flax.linen.dtypes.canonicalize_dtype``: ``None`` entries are ignored and a non-inexact result is
@@ -105,13 +105,13 @@ def widen(x, out_dtype) -> jax.Array:
 def promote_exactly(args: Sequence[jax.Array | None], /, *, dtype=None) -> tuple[jax.Array | None, ...]:
     """The nnx layers' default ``promote_dtype`` hook: Flax's signature, normjax's rounding (once, at the end).
 
-    Each array is cast to the promotion of its dtype and the layer's output dtype (:func:`output_dtype` of all
+    Each array is cast to the promotion of its dtype and the layer's output dtype (:func:`layer_output_dtype` of all
     of them), which never narrows: with ``dtype=float16`` a float32 input stays float32 and the core rounds once,
     to float16, exactly as the linen layer does, so linen and nnx give bit-identical outputs. Flax's own hook,
     ``flax.nnx.nn.dtypes.promote_dtype``, first casts the input to ``dtype`` (rounding it before its statistics
     are computed); pass it as ``promote_dtype`` to reproduce Flax nnx bit for bit.
     """
-    out = output_dtype(*args, dtype=dtype)
+    out = layer_output_dtype(*args, dtype=dtype)
     return tuple(None if a is None else widen(a, out) for a in args)
 
 
@@ -246,7 +246,7 @@ def apply_batch_norm(
     ``running_count`` is the layer's step counter, which it keeps only when ``renorm_warmup_steps`` needs one.
     """
     axes_lib.check_static_bool(use_running_average, "use_running_average")
-    out = output_dtype(x, scale, bias, dtype=dtype)
+    out = layer_output_dtype(x, scale, bias, dtype=dtype)
     x = widen(x, out)
     check_running_stats(
         running_mean,
@@ -311,7 +311,7 @@ def apply_standardize(
     (initialization only needs the parameters' shapes).
     """
     sync = not initializing
-    out = output_dtype(x, scale, bias, gate, dtype=dtype)
+    out = layer_output_dtype(x, scale, bias, gate, dtype=dtype)
     x = widen(x, out)
     check_several_values(x.shape, reduction_axes, axis_name, axis_index_groups, layer=layer, initializing=initializing)
     if gate is not None:
@@ -401,7 +401,7 @@ def apply_group_norm(
     Flax defines GroupNorm as standardizing ``x.reshape(..., groups, group_size)`` over ``reduction_axes`` and
     the group's channels, which is exactly :func:`standardize` on that view.
     """
-    out = output_dtype(x, scale, bias, dtype=dtype)
+    out = layer_output_dtype(x, scale, bias, dtype=dtype)
     x = widen(x, out)
     ndim = x.ndim
     channels = x.shape[-1]
