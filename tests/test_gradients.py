@@ -47,9 +47,9 @@ def _batch_norm_training(x, scale, bias=None, *, axis, mask=None):
 # feature axes where the norm allows it; each reduction has >= 3 elements so finite differences stay accurate.
 NORMS = {
     "batch_norm": (_batch_norm_training, (3, 2, 4), {"axis": (1, 2)}, (2, 4)),
-    "layer_norm": (normjax.layer_norm, (3, 2, 4), {"axis": (1, 2)}, (2, 4)),
+    "layer_norm": (normjax.layer_norm, (3, 2, 4), {"reduction_axes": (1, 2)}, (2, 4)),
     "rms_norm": (normjax.rms_norm, (3, 4), {}, (4,)),
-    "group_norm": (normjax.group_norm, (2, 4, 3), {"num_groups": 2, "axis": 1}, (4,)),
+    "group_norm": (normjax.group_norm, (2, 4, 3), {"num_groups": 2, "feature_axes": 1}, (4,)),
     "instance_norm": (normjax.instance_norm, (2, 3, 2), {}, (2,)),
 }
 

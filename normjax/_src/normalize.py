@@ -59,7 +59,7 @@ def normalize(
       >>> import jax.numpy as jnp
       >>> import normjax
       >>> x = jnp.array([[1.0, 2.0], [3.0, 6.0]])
-      >>> m = normjax.moments(x, axes=0, keepdims=True)
+      >>> m = normjax.moments(x, reduction_axes=0, keepdims=True)
       >>> normjax.normalize(x, m.mean, m.var, epsilon=1e-12).tolist()
       [[-1.0, -1.0], [1.0, 1.0]]
     """
