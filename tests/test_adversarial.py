@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import reference
 import torch
+from bitwise import bits
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -36,11 +37,6 @@ FIX = re.compile(
     r"convert|return|fix|check|keep|freeze|restore|make|normalize over|add)\b",
     re.I,
 )
-
-
-def bits(a) -> np.ndarray:
-    a = np.asarray(a)
-    return a.view(np.dtype(f"u{a.dtype.itemsize}"))
 
 
 def assert_same_state(got, want):

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from bitwise import assert_bit_exact, bits
 from flax import nnx
 from jax.test_util import check_grads
 
@@ -67,17 +68,6 @@ def flax_order(x, weight, bias=None, centered=False):
     var = jnp.mean(jnp.square(hidden - mean), -1, keepdims=True)
     y = (hidden - mean) * (jax.lax.rsqrt(var + EPS) * _row(weight, x).astype(jnp.float32))
     return (y if bias is None else y + _row(bias, x).astype(jnp.float32)).astype(x.dtype)
-
-
-def bits(a):
-    """The bit patterns, so equality is exact (distinguishes -0.0 and NaN payloads)."""
-    a = np.asarray(a)
-    return a.view(np.dtype(f"u{a.dtype.itemsize}"))
-
-
-def assert_bit_exact(got, want):
-    assert got.dtype == want.dtype, (got.dtype, want.dtype)
-    np.testing.assert_array_equal(bits(got), bits(want))
 
 
 def mismatch(a, b):

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from bitwise import assert_bit_exact
 from flax import nnx, serialization
 from jax.sharding import PartitionSpec as P
 
@@ -31,18 +32,6 @@ def _batch(seed, n=8):
 def _far_state():
     """Running statistics far from the batches', so Batch Renormalization visibly corrects towards them."""
     return normjax.init_batch_norm_state(C)._replace(mean=jnp.array([3.0, -2.0, 1.0]), var=jnp.array([9.0, 0.1, 4.0]))
-
-
-def bits(a):
-    a = np.asarray(a)
-    return a.view(np.dtype(f"u{a.dtype.itemsize}"))
-
-
-def assert_bit_exact(got, want):
-    assert jax.tree.structure(got) == jax.tree.structure(want)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        assert g.dtype == w.dtype
-        np.testing.assert_array_equal(bits(g), bits(w))
 
 
 def _train(x, state, **kwargs):

@@ -11,25 +11,13 @@ import numpy as np
 import pytest
 import reference
 import scipy.signal
+from bitwise import assert_bit_exact, bits
 
 import normjax as nj
 
 C = 4
 # A state that is not the initial one, so "unchanged" cannot pass by accident.
 STATE = nj.BatchNormState(mean=jnp.array([0.5, -1.25, 3.0, 1e-3]), var=jnp.array([2.0, 0.75, 1e-4, 9.0]))
-
-
-def bits(a) -> np.ndarray:
-    """The raw bit patterns, so equality is bit-exact (distinguishes -0.0 from 0.0 and compares NaN payloads)."""
-    a = np.asarray(a)
-    return a.view(np.dtype(f"u{a.dtype.itemsize}"))
-
-
-def assert_bit_exact(state, expected):
-    assert jax.tree.structure(state) == jax.tree.structure(expected)
-    for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(expected), strict=True):
-        assert got.dtype == want.dtype
-        np.testing.assert_array_equal(bits(got), bits(want))
 
 
 def data(shape, seed=0, offset=3.0):
