@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference
+from batch_norm_data import ema as _ema
+from batch_norm_data import inputs as _inputs
 
 import normjax
 
@@ -28,27 +30,6 @@ LAYOUTS = [
     ((4, 3, 5, 5), 1),
     ((4, 3, 5), (1, 2)),
 ]
-
-
-def _feature_shape(shape, axis):
-    return tuple(shape[a] for a in reference._axes(axis, len(shape)))
-
-
-def _inputs(shape, axis, seed=0, mean=1.0, std=2.0):
-    rng = np.random.default_rng(seed)
-    features = _feature_shape(shape, axis)
-    x = rng.normal(mean, std, shape).astype(np.float32)
-    scale = rng.normal(1.0, 0.3, features).astype(np.float32)
-    bias = rng.normal(0.0, 0.5, features).astype(np.float32)
-    state = normjax.BatchNormState(
-        mean=jnp.asarray(rng.normal(0.0, 1.0, features), jnp.float32),
-        var=jnp.asarray(rng.uniform(0.5, 2.0, features), jnp.float32),
-    )
-    return x, scale, bias, state
-
-
-def _ema(old, batch, momentum):
-    return momentum * np.asarray(old, np.float64) + (1 - momentum) * batch
 
 
 @pytest.mark.parametrize("features", [3, np.int64(3), (2, 3), [2, np.int32(3)]])

@@ -5,6 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference
+from batch_norm_data import ema as _ema
+from batch_norm_data import feature_shape as _feature_shape
+from batch_norm_data import inputs as _inputs
 
 import normjax
 
@@ -13,28 +16,6 @@ F32 = reference.tolerance(np.float32)
 
 STATIC = ("training", "axis", "unbiased_running_var", "virtual_batch_size", "renorm_clipping")
 batch_norm = jax.jit(normjax.batch_norm, static_argnames=STATIC)
-
-
-def _feature_shape(shape, axis):
-    return tuple(shape[a] for a in reference._axes(axis, len(shape)))
-
-
-def _inputs(shape, axis, seed=0, mean=1.0, std=2.0):
-    """x, scale, bias and a running state (not the initial one) for a batch of `shape` with features on `axis`."""
-    rng = np.random.default_rng(seed)
-    features = _feature_shape(shape, axis)
-    x = rng.normal(mean, std, shape).astype(np.float32)
-    scale = rng.normal(1.0, 0.3, features).astype(np.float32)
-    bias = rng.normal(0.0, 0.5, features).astype(np.float32)
-    state = normjax.BatchNormState(
-        mean=jnp.asarray(rng.normal(0.0, 1.0, features), jnp.float32),
-        var=jnp.asarray(rng.uniform(0.5, 2.0, features), jnp.float32),
-    )
-    return x, scale, bias, state
-
-
-def _ema(old, batch, momentum):
-    return momentum * np.asarray(old, np.float64) + (1 - momentum) * batch
 
 
 def _renorm_reference(x, running_mean, running_var, gamma, beta, r_max, d_max, upstream):
