@@ -288,3 +288,29 @@ def test_xla_cpu_statistics_are_as_accurate_as_the_shifted_sums(offset):
     np.testing.assert_allclose(var[0, :5], x64[:, :5].var(0), rtol=4 * np.finfo(np.float32).eps * np.sqrt(512))
     np.testing.assert_allclose(mean[0], x64.mean(0), rtol=1e-6, atol=1e-6)
     assert var[0, 5] == 0.0
+
+
+def test_xla_cpu_statistics_under_vmap_choose_once_for_the_whole_batch():
+    """Under vmap the choice between sums about zero and about the sample stays a branch (a batched predicate
+    would turn it into a select that computes both), taken accurately when any member needs it."""
+    rng = np.random.default_rng(31)
+    x = rng.normal(size=(3, 256, 4)).astype(np.float32)
+    x[1] += np.float32(1e4)  # one ill-conditioned member
+    spec = core._Spec((0,), (1,), True, None, None, jnp.dtype(jnp.float32), "xla_cpu")
+    epsilon = jnp.asarray(1e-5, jnp.float32)
+    statistics = jax.vmap(lambda x: core._standardize(spec, x, None, None, None, epsilon, None)[1:3])
+
+    def primitives(jaxpr):
+        for eqn in jaxpr.eqns:
+            yield eqn.primitive.name
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, tuple | list) else (param,):
+                    if hasattr(getattr(sub, "jaxpr", sub), "eqns"):
+                        yield from primitives(getattr(sub, "jaxpr", sub))
+
+    branches = [p for p in primitives(jax.make_jaxpr(statistics)(x).jaxpr) if p in ("cond", "select_n")]
+    assert branches == ["cond"]
+    mean, var = jax.jit(statistics)(x)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(var[:, 0], x64.var(1), rtol=4 * np.finfo(np.float32).eps * np.sqrt(256))
+    np.testing.assert_allclose(mean[:, 0], x64.mean(1), rtol=1e-6, atol=1e-6)

@@ -184,8 +184,25 @@ def shifted_moments(
     # The relative rounding error of M2 from sums about zero is about eps * s2 / M2 = eps * (1 + mean^2 / var): at
     # most WELL_CONDITIONED * eps where this holds, against the shifted sums' 2 eps. Otherwise (a large mean, a
     # constant feature, a non-finite value) the sums are taken again about the sample.
-    well_conditioned = jnp.all(s2 <= WELL_CONDITIONED * unshifted.m2)
+    well_conditioned = for_every_member(jnp.all(s2 <= WELL_CONDITIONED * unshifted.m2))
     return jax.lax.cond(well_conditioned, lambda: unshifted, lambda: about(shift, *sums(shift)))
+
+
+@jax.custom_batching.custom_vmap
+def for_every_member(condition: jax.Array) -> jax.Array:
+    """``condition``; under ``vmap``, whether it holds for every member of the batch, unbatched.
+
+    Why: ``lax.cond`` with a batched predicate becomes a ``select`` that runs both branches (measured 1.2-1.3x
+    the time of the slower branch alone for vmapped norms on XLA:CPU). With one predicate for the whole batch it
+    stays a branch, and each member takes the accurate branch whenever any member needs it.
+    """
+    return condition
+
+
+@for_every_member.def_vmap
+def _for_every_member_batched(axis_size, in_batched, condition):
+    del axis_size
+    return (jnp.all(condition) if in_batched[0] else condition), False
 
 
 @contextlib.contextmanager
