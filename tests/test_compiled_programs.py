@@ -94,6 +94,25 @@ def test_one_collective_round_forward_and_one_backward(features, masked):
     assert collectives(backward, "all-reduce")[1] == 4 * 2 * features
 
 
+@pytest.mark.parametrize("groups", [None, [[0, 1, 2, 3], [4, 5, 6, 7]]])
+def test_one_all_reduce_round_forward_under_pmap(groups):
+    """Under pmap each device's (count, shift, offset, M2) is gathered by one all-reduce (each device's values in
+    its own slot of zeros: D x 4F numbers); the backward adds one all-reduce of the cotangents' sums."""
+    features = 16
+
+    def loss(x):
+        state = normjax.init_batch_norm_state(features)
+        y, _ = normjax.batch_norm(x, state, training=True, axis_name="d", axis_index_groups=groups)
+        return jnp.sum(jnp.sin(y))
+
+    x = jnp.ones((DEVICES, 4, 4, 4, features))
+    group_size = DEVICES if groups is None else len(groups[0])
+    forward = jax.pmap(loss, axis_name="d").lower(x).compile().as_text()
+    assert collectives(forward, "all-reduce") == (1, 4 * group_size * 4 * features)
+    backward = jax.pmap(jax.grad(loss), axis_name="d").lower(x).compile().as_text()
+    assert collectives(backward, "all-reduce") == (2, 4 * group_size * 4 * features + 4 * 2 * features)
+
+
 def test_uncentered_statistics_take_one_small_all_reduce():
     features = 16
     mesh = _mesh(DEVICES, ("d",))

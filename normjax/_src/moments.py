@@ -16,8 +16,8 @@ from :math:`k` also keeps the standardized values :math:`(x_i - k) - \delta` exa
 so their sum, which the derivative relies on, cancels (see :mod:`normjax._src.standardize`).
 
 Across devices each one's statistics are merged exactly, with Chan's pairwise formula: from one collective
-under ``shard_map`` (an all-gather of ``4 F`` numbers per device), from two ``psum`` rounds under ``pmap`` and
-``vmap``. Counts weight the means, so uneven per-device counts, masks and
+under ``shard_map`` (an all-gather of ``4 F`` numbers per device), from one ``psum`` of per-device slots under
+``pmap`` and ``vmap``. Counts weight the means, so uneven per-device counts, masks and
 devices with nothing valid are exact.
 """
 
@@ -256,33 +256,33 @@ def _gather(a: jax.Array, axis_name: AxisName, axis_index_groups: AxisIndexGroup
     return jnp.reshape(a, (-1,) + a.shape[len(names) :])
 
 
-def _merge_with_psums(
-    local: ShiftedMoments, axis_name: AxisName, axis_index_groups: AxisIndexGroups
-) -> tuple[ShiftedMoments, ShiftedMoments]:
-    """The merge of :func:`merge_across_devices` from two ``psum`` rounds, for ``vmap`` and ``pmap`` axes.
+def _gather_by_psum(a: jax.Array, axis_name: AxisName, axis_index_groups: AxisIndexGroups, size: int) -> jax.Array:
+    """The all-gather of :func:`_gather` as one ``psum``, for ``vmap`` and ``pmap`` axes: each device writes ``a``
+    into its own slot of zeros, and a sum of zeros and one value is that value exactly.
 
-    Round one agrees on a reference, the count-weighted mean of the devices' shifts, and the count; round two
-    sums the statistics about it, ``n_j d_j`` and ``M2_j + n_j d_j^2`` with ``d_j = (k_j - r) + offset_j``, so
-    nothing large is squared. Why not the all-gather: JAX (0.10.2) traces a ``custom_jvp`` rule again, without
-    vmap's named axes, when the rule is linearized inside ``lax.scan``; ``all_gather`` (and ``axis_size``) fail
-    there, ``psum`` of data does not.
+    Why not ``all_gather``: JAX (0.10.2) traces a ``custom_jvp`` rule again, without vmap's named axes, when the
+    rule is linearized inside ``lax.scan``; ``all_gather`` and ``axis_size`` fail there, ``psum`` and
+    ``axis_index`` do not. So ``size``, the number of devices per group, is given (static, read where the axis is
+    bound: :func:`normjax._src.axes.synchronized_size`).
     """
-    small_shape = local.m2.shape
-    count = jnp.broadcast_to(local.count, small_shape).astype(local.m2.dtype)
-    # Count-weighted: a device without valid elements (shift 0 by convention) must not pull the reference away.
-    weighted, total = psum((count * local.shift, count), axis_name, axis_index_groups)
-    reference = weighted / jnp.maximum(total, 1)
-    delta = (local.shift - reference) + local.offset
-    sums, squares = psum((count * delta, local.m2 + count * abs_square(delta)), axis_name, axis_index_groups)
-    offset = sums / jnp.maximum(total, 1)
-    m2 = jnp.maximum(squares - total * abs_square(offset), 0)
-    common = ShiftedMoments(total, reference, offset, m2)
-    own = common._replace(shift=local.shift, offset=(reference - local.shift) + offset)
-    return own, common
+    index = jax.lax.axis_index(axis_name)
+    if axis_index_groups is None:
+        slot = index
+    else:  # the slot is the device's place within its group
+        places = {device: place for group in axis_index_groups for place, device in enumerate(group)}
+        slot = jnp.asarray([places[device] for device in range(len(places))])[index]
+    own_slot = jnp.reshape(jnp.arange(size) == slot, (size,) + (1,) * a.ndim)
+    slots = jnp.where(own_slot, a[None], jnp.zeros((), a.dtype))
+    return psum(slots, axis_name, axis_index_groups)
 
 
 def merge_across_devices(
-    local: ShiftedMoments, axis_name: AxisName, axis_index_groups: AxisIndexGroups, *, centered: bool = True
+    local: ShiftedMoments,
+    axis_name: AxisName,
+    axis_index_groups: AxisIndexGroups,
+    *,
+    size: int | None,
+    centered: bool = True,
 ) -> tuple[ShiftedMoments, ShiftedMoments]:
     r"""The statistics of every device's valid elements together: one all-gather on ``shard_map`` device axes.
 
@@ -307,11 +307,12 @@ def merge_across_devices(
         count, m2 = psum((local.count, local.m2), axis_name, axis_index_groups)
         merged = local._replace(count=count, m2=m2)
         return merged, merged
-    if not on_device_axes(axis_name, local.shift):
-        return _merge_with_psums(local, axis_name, axis_index_groups)
     stacked = jnp.stack([without_unit_axes(jnp.broadcast_to(a, small_shape)).astype(dtype) for a in local])
     with _grouped_collectives_explained(axis_name, axis_index_groups):
-        gathered = _gather(stacked, axis_name, axis_index_groups)
+        if on_device_axes(axis_name, local.shift):
+            gathered = _gather(stacked, axis_name, axis_index_groups)
+        else:
+            gathered = _gather_by_psum(stacked, axis_name, axis_index_groups, size)
     real = local.m2.dtype
     counts, shifts, offsets, m2s = (gathered[:, i] for i in range(4))
     counts, m2s = jnp.real(counts).astype(real), jnp.real(m2s).astype(real)
@@ -358,8 +359,8 @@ def moments(
 
     With ``axis_name`` the statistics are those of the concatenation of every device's valid elements, exact
     for uneven per-device counts (a device with no valid element contributes nothing), merged with Chan's formula
-    from one all-gather of ``4 * F`` numbers per device for ``F`` statistics under ``shard_map`` (two ``psum``
-    rounds of ``2 * F`` numbers under ``pmap`` and ``vmap``; a ``psum`` of ``2 * F`` when
+    from one all-gather of ``4 * F`` numbers per device for ``F`` statistics under ``shard_map`` (one ``psum`` of
+    ``4 * F`` numbers in each device's own slot under ``pmap`` and ``vmap``; a ``psum`` of ``2 * F`` when
     ``centered=False``). See the synchronization guide (``docs/guides/sync.md``).
 
     Args:
@@ -387,7 +388,6 @@ def moments(
     axes_lib.check_inexact(x)
     reduce_axes = axes_lib.canonicalize_axes(reduction_axes, jnp.ndim(x), "reduction_axes")
     axes_lib.check_mask(mask, jnp.shape(x))
-    axes_lib.check_axis_name(axis_name, axis_index_groups)
     axes_lib.check_static_bool(keepdims, "keepdims")  # argument check (axes.py)
     axes_lib.check_static_bool(centered, "centered")  # argument check (axes.py)
     x = jnp.asarray(x)
@@ -395,7 +395,8 @@ def moments(
     if mask is not None:
         mask = jnp.broadcast_to(mask, x.shape)
     local = shifted_moments(x, reduce_axes, mask=mask, centered=centered, total=plain_total(reduce_axes))
-    result = merge_across_devices(local, axis_name, axis_index_groups, centered=centered)[1].moments()
+    size = axes_lib.synchronized_size(axis_name, axis_index_groups)
+    result = merge_across_devices(local, axis_name, axis_index_groups, size=size, centered=centered)[1].moments()
     if not keepdims:
         result = Moments(*(jnp.squeeze(a, reduce_axes) for a in result))
     return result

@@ -73,6 +73,7 @@ class _Spec(NamedTuple):
     layout: str
     normalized_dtype: object = None
     scale_offset: float = 0.0
+    axis_size: int | None = None  # devices per group of axis_name, read where the axis is bound
 
 
 def as_feature(param: jax.Array, ndim: int, feature_axes: tuple[int, ...]) -> jax.Array:
@@ -146,7 +147,7 @@ def standardize(
     axes_lib.check_scale_offset(scale_offset, scale)
     axes_lib.check_static_bool(zero_masked_outputs, "zero_masked_outputs")
     axes_lib.check_mask(mask, jnp.shape(x))
-    axes_lib.check_axis_name(axis_name, axis_index_groups)
+    axis_size = axes_lib.synchronized_size(axis_name, axis_index_groups)
     groups = None if axis_index_groups is None else tuple(tuple(int(i) for i in g) for g in axis_index_groups)
     names = axis_name if axis_name is None or isinstance(axis_name, str) else tuple(axis_name)
     out_dtype = axes_lib.output_dtype(x, dtype)
@@ -163,6 +164,7 @@ def standardize(
         "generic",
         normalized_dtype,
         float(scale_offset),
+        axis_size,
     )
     if mask is not None:
         mask = jnp.broadcast_to(mask, x.shape)
@@ -332,7 +334,9 @@ def _forward(spec: _Spec, x, scale, bias, mask, epsilon, renorm):
         sample_from=x,
         about_zero_first=layout.about_zero_first,
     )
-    own, common = merge_across_devices(local, spec.axis_name, spec.axis_index_groups, centered=spec.centered)
+    own, common = merge_across_devices(
+        local, spec.axis_name, spec.axis_index_groups, size=spec.axis_size, centered=spec.centered
+    )
     moments = common.moments()
     inv_std = jax.lax.rsqrt(_nan_if_overflowed(moments.var + epsilon))
     r, d = _renorm_factors(spec, x.ndim, moments, epsilon, renorm)
