@@ -401,6 +401,10 @@ def _standardize_jvp(spec: _Spec, primals, tangents):
         slope = dinv_std * g if dgamma is None else dinv_std * g + inv_std * dgamma
         shift = -dmean * gain
         if mask is None:
+            if dbeta is not None and jnp.broadcast_shapes(jnp.shape(shift), jnp.shape(dbeta)) != x.shape:
+                # beta's cotangent is then the small sum of the shift's (InstanceNorm, GroupNorm: over the
+                # batch), not a second full-size reduction of the output's cotangent.
+                shift, dbeta = shift + dbeta, None
             terms = [(lambda dx, a: dx * a, (dxf, gain)), (lambda c: c, (shift,))]
         else:  # constant (beta) where a masked-out position is not finite
             terms = [(lambda dx, a, c, x, m: _select(m | jnp.isfinite(x), dx * a + c), (dxf, gain, shift, xf, mask))]
