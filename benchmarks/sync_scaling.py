@@ -10,10 +10,21 @@ the compiled HLO of the whole step and of a single ``batch_norm`` call. One sync
 forward+backward is also timed against ``flax.linen.BatchNorm(axis_name=...)``. A last section shows why
 equal-weight averaging of device means is wrong, on a probe of 4 devices holding 8, 1, 1 and 1 valid rows.
 
+"ResNet under pmap": Flax's ImageNet example (``examples/imagenet/models.py`` and ``train.py`` in google/flax),
+its ResNet18 and ``train_step`` under ``jax.pmap(..., axis_name="batch")`` on 8 devices, reduced to run on a small
+CPU machine (16 filters, 32x32 images, 16 per device), with only the BatchNorm class swapped:
+``flax.linen.BatchNorm`` (default, one-pass variance), ``flax.linen.BatchNorm(use_fast_variance=False)`` (Flax
+exact) and ``normjax.linen.BatchNorm``, plus a second copy of Flax's default as a control of the timing noise.
+Step times are paired per round; all-reduces are counted in each compiled step; the losses of a few training
+steps from the same start are compared.
+
 Usage::
 
     python benchmarks/sync_scaling.py --out outputs/sync_scaling            # the numbers in docs/guides/sync.md
     python benchmarks/sync_scaling.py --quick --out outputs/sync_quick      # < 60 s smoke run
+
+The smoke run compiles the conv net for 1 and 8 devices only, and the ResNet with one block (Flax's ``_ResNet1``
+test model, 8 filters, 4 images per device).
 
 Writes ``results.json`` and ``results.md`` to ``--out``. Simulated CPU devices share the host's cores, so the
 ratios measure the extra work and synchronization points, not a real interconnect.
@@ -25,25 +36,35 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA:CPU runs each simulated device's part of a collective on a thread of a pool sized max(cores, devices); with
+# one thread per device, a thread busy elsewhere can leave a collective waiting forever on a 2-core machine.
+os.environ.setdefault("NPROC", "32")
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from flax import jax_utils  # noqa: E402
+from flax.training import train_state  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import normjax  # noqa: E402
+import normjax.linen  # noqa: E402
 
 DEVICE_COUNTS = (1, 2, 4, 8)
+QUICK_DEVICE_COUNTS = (1, 8)  # the smoke run compiles the smallest and the largest only
 CHANNELS = (16, 32, 32)
 CLASSES = 10
 _BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s64": 8, "pred": 1, "s8": 1, "u8": 1}
@@ -64,12 +85,11 @@ def init_model(key, in_channels: int):
 
 def flax_batch_norm(h, state, scale, bias, axis_name):
     """``flax.linen.BatchNorm`` with its defaults (one-pass variance), as a function of explicit state."""
-    import flax.linen as nn
-
     module = nn.BatchNorm(use_running_average=False, momentum=0.99, epsilon=1e-5, axis_name=axis_name)
     variables = {"params": {"scale": scale, "bias": bias}, "batch_stats": {"mean": state.mean, "var": state.var}}
     y, updates = module.apply(variables, h, mutable=["batch_stats"])
-    return y, normjax.BatchNormState(updates["batch_stats"]["mean"], updates["batch_stats"]["var"])
+    # Flax counts no steps: the state's count passes through, so the step's carry keeps one structure.
+    return y, state._replace(mean=updates["batch_stats"]["mean"], var=updates["batch_stats"]["var"])
 
 
 def forward(params, states, images, axis_name, norm="normjax"):
@@ -127,6 +147,13 @@ def collective_bytes(hlo_text: str, kind: str = "all-reduce") -> tuple[int, int]
     return ops, total
 
 
+def paired_ratio(numerator: list[float], denominator: list[float]) -> tuple[float, list[float]]:
+    """Median and quartiles of the per-round ratios of two configurations' times."""
+    # Each round times every configuration back to back, so per-round ratios cancel slow load drifts.
+    ratios = [a / b for a, b in zip(numerator, denominator, strict=True)]
+    return statistics.median(ratios), np.percentile(ratios, [25, 75]).tolist()
+
+
 def batch_norm_call_collectives(mesh: Mesh, features: int, masked: bool, backward: bool) -> dict:
     """All-reduce (ops, bytes per device) of one synchronized batch_norm on (N, 4, 4, features), optionally + grad."""
 
@@ -148,8 +175,6 @@ def batch_norm_call_collectives(mesh: Mesh, features: int, masked: bool, backwar
 
 def equal_weight_probe() -> dict:
     """The probe: 4 devices hold 8, 1, 1, 1 valid rows. Flax's pmean of device means vs normjax."""
-    import flax.linen as nn
-
     x = np.zeros((4, 8, 1), np.float32)
     x[0] = 1.0
     x[1:, 0, 0] = [20.0, 30.0, 40.0]
@@ -181,8 +206,6 @@ def call_time_vs_flax(quick: bool) -> list[dict]:
     Both with ``axis_name="d"`` (Flax in its default one-pass mode and two-pass); the same NHWC activations as the
     conv net's second block. Interleaved rounds, medians; ratios to Flax's default.
     """
-    import flax.linen as nn
-
     features, rounds = 32, (4 if quick else 15)
     state = normjax.init_batch_norm_state(features)
 
@@ -195,7 +218,7 @@ def call_time_vs_flax(quick: bool) -> list[dict]:
         return layer.apply(variables, x, mutable=["batch_stats"])[0]
 
     rows = []
-    for n in DEVICE_COUNTS:
+    for n in QUICK_DEVICE_COUNTS if quick else DEVICE_COUNTS:
         mesh = Mesh(np.array(jax.devices()[:n]), ("d",))
         x = jax.random.normal(jax.random.key(0), (n * 32, 8, 8, features))
         g = jax.random.normal(jax.random.key(1), x.shape)
@@ -245,14 +268,204 @@ def bn_call_bytes(features: int = 32) -> list[dict]:
     return rows
 
 
+# The BatchNorm classes the ResNet step is timed with: only this class differs between the configurations. The
+# control is a second, separately compiled copy of Flax's default: its ratio to the first shows the timing noise.
+RESNET_BATCH_NORMS = {
+    "flax default": nn.BatchNorm,
+    "flax default (control copy)": nn.BatchNorm,
+    "flax exact": functools.partial(nn.BatchNorm, use_fast_variance=False),
+    "normjax": normjax.linen.BatchNorm,
+}
+
+
+class ResNetBlock(nn.Module):
+    """The ResNet block, as Flax's ImageNet example (``examples/imagenet/models.py``) writes it."""
+
+    filters: int
+    conv: Any
+    norm: Any
+    act: Any
+    strides: tuple[int, int] = (1, 1)
+
+    @nn.compact
+    def __call__(self, x):
+        residual = x
+        y = self.conv(self.filters, (3, 3), self.strides)(x)
+        y = self.norm()(y)
+        y = self.act(y)
+        y = self.conv(self.filters, (3, 3))(y)
+        y = self.norm(scale_init=nn.initializers.zeros_init())(y)
+        if residual.shape != y.shape:
+            residual = self.conv(self.filters, (1, 1), self.strides, name="conv_proj")(residual)
+            residual = self.norm(name="norm_proj")(residual)
+        return self.act(residual + y)
+
+
+class ResNet(nn.Module):
+    """The ResNetV1 of Flax's ImageNet example, with synchronized BatchNorm; ``norm_cls`` is the swapped class."""
+
+    stage_sizes: tuple[int, ...]
+    num_classes: int
+    norm_cls: Any = nn.BatchNorm
+    num_filters: int = 64
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+        norm = functools.partial(
+            self.norm_cls,
+            use_running_average=not train,
+            momentum=0.9,
+            epsilon=1e-5,
+            dtype=self.dtype,
+            axis_name="batch",
+        )
+        x = conv(self.num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name="conv_init")(x)
+        x = norm(name="bn_init")(x)
+        x = nn.relu(x)
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+        for i, block_size in enumerate(self.stage_sizes):
+            for j in range(block_size):
+                strides = (2, 2) if i > 0 and j == 0 else (1, 1)
+                x = ResNetBlock(self.num_filters * 2**i, strides=strides, conv=conv, norm=norm, act=nn.relu)(x)
+        x = jnp.mean(x, axis=(1, 2))
+        x = nn.Dense(self.num_classes, dtype=self.dtype)(x)
+        return jnp.asarray(x, self.dtype)
+
+
+class TrainState(train_state.TrainState):
+    batch_stats: Any
+
+
+def resnet_train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    """The ``train_step`` of Flax's ImageNet example, to run under ``jax.pmap(..., axis_name="batch")``.
+
+    Cross-entropy plus weight decay on the kernels, ``batch_stats`` mutable, gradients averaged with
+    ``lax.pmean``, the metrics (loss and accuracy) averaged over devices. Left out: the learning-rate schedule
+    (the optimizer's rate is constant) and mixed precision (float32 throughout).
+    """
+
+    def loss_fn(params):
+        logits, new_model_state = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats}, batch["image"], mutable=["batch_stats"]
+        )
+        loss = optax.softmax_cross_entropy(logits, jax.nn.one_hot(batch["label"], CLASSES)).mean()
+        weight_l2 = sum(jnp.sum(x**2) for x in jax.tree.leaves(params) if x.ndim > 1)
+        return loss + 0.0001 * 0.5 * weight_l2, (new_model_state, logits)
+
+    (_, (new_model_state, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = jax.lax.pmean(grads, axis_name="batch")
+    metrics = {
+        "loss": optax.softmax_cross_entropy(logits, jax.nn.one_hot(batch["label"], CLASSES)).mean(),
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+    }
+    new_state = state.apply_gradients(grads=grads, batch_stats=new_model_state["batch_stats"])
+    return new_state, jax.lax.pmean(metrics, axis_name="batch")
+
+
+def resnet_under_pmap(quick: bool) -> dict:
+    """Flax's ImageNet training step (ResNet18, 8 devices, ``pmap``) with each BatchNorm class of
+    ``RESNET_BATCH_NORMS``: ms/step, per-round ratios to Flax's default, collectives of each compiled step, and
+    the losses of the first steps from the same weights.
+    """
+    # ResNet18's stages, or (quick) the one-block ResNet of Flax's tests: compiling takes most of the time.
+    stage_sizes, width, per_device_batch = ((1,), 8, 4) if quick else ((2, 2, 2, 2), 16, 16)
+    rounds, steps, loss_steps = (2, 1, 2) if quick else (21, 5, 10)
+    devices, size = jax.local_device_count(), 32
+    rng = np.random.default_rng(0)
+    batches = [
+        {
+            "image": jnp.asarray(rng.normal(size=(devices, per_device_batch, size, size, 3)), jnp.float32),
+            "label": jnp.asarray(rng.integers(0, CLASSES, (devices, per_device_batch))),
+        }
+        for _ in range(loss_steps)
+    ]
+    models = {name: ResNet(stage_sizes, CLASSES, norm_cls, width) for name, norm_cls in RESNET_BATCH_NORMS.items()}
+    # The swap keeps Flax's variables, so one init serves every model and all start from the same weights. An
+    # "rbg" key: threefry's random bits take XLA:CPU seconds to compile.
+    variables = jax.jit(models["flax default"].init)(jax.random.key(0, impl="rbg"), jnp.ones((1, size, size, 3)))
+    optimizer = optax.sgd(0.1, momentum=0.9, nesterov=True)
+    configs = {}
+    for name, model in models.items():
+        state = TrainState.create(
+            apply_fn=model.apply, params=variables["params"], batch_stats=variables["batch_stats"], tx=optimizer
+        )
+        state = jax_utils.replicate(state)
+        step = jax.pmap(resnet_train_step, axis_name="batch").lower(state, batches[0]).compile()
+        losses = []
+        for batch in batches:  # also the warm-up of the timing
+            state, metrics = step(state, batch)
+            losses.append(float(metrics["loss"][0]))
+        hlo = step.as_text()
+        configs[name] = {
+            "step": step,
+            "state": state,
+            "losses": losses,
+            "times": [],
+            "all_reduce": collective_bytes(hlo, "all-reduce"),
+            "all_gather": collective_bytes(hlo, "all-gather"),
+        }
+    names = list(configs)
+    for round_index in range(rounds):  # interleaved: every configuration once per round, order rotating
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            c = configs[name]
+            start = time.perf_counter()
+            for _ in range(steps):
+                c["state"], _ = c["step"](c["state"], batches[-1])
+            jax.block_until_ready(c["state"])
+            c["times"].append((time.perf_counter() - start) / steps)
+
+    def max_loss_difference(a, b):
+        return max(abs(x - y) for x, y in zip(configs[a]["losses"], configs[b]["losses"], strict=True))
+
+    rows = []
+    for name, c in configs.items():
+        over_flax, quartiles = paired_ratio(c["times"], configs["flax default"]["times"])
+        rows.append(
+            {
+                "batch_norm": name,
+                "ms": 1e3 * statistics.median(c["times"]),
+                "over_flax_default": over_flax,
+                "over_flax_default_quartiles": quartiles,
+                "all_reduce": c["all_reduce"],
+                "all_gather": c["all_gather"],
+                "losses": c["losses"],
+                "times_s": c["times"],
+            }
+        )
+    normjax_over_exact, exact_quartiles = paired_ratio(configs["normjax"]["times"], configs["flax exact"]["times"])
+    return {
+        "stage_sizes": list(stage_sizes),
+        "num_filters": width,
+        "batch_norm_layers": len(jax.tree.leaves(variables["batch_stats"])) // 2,
+        "devices": devices,
+        "per_device_batch": per_device_batch,
+        "image": [size, size, 3],
+        "optimizer": "optax.sgd(0.1, momentum=0.9, nesterov=True)",
+        "rounds": rounds,
+        "steps_per_timing": steps,
+        "rows": rows,
+        "normjax_over_flax_exact": normjax_over_exact,
+        "normjax_over_flax_exact_quartiles": exact_quartiles,
+        "max_loss_difference": {
+            "normjax vs flax exact": max_loss_difference("normjax", "flax exact"),
+            "normjax vs flax default": max_loss_difference("normjax", "flax default"),
+            "flax exact vs flax default": max_loss_difference("flax exact", "flax default"),
+        },
+    }
+
+
 def run(quick: bool) -> dict:
     per_device_batch, size = (8, 12) if quick else (32, 16)
     rounds, steps = (4, 2) if quick else (21, 5)
+    device_counts = QUICK_DEVICE_COUNTS if quick else DEVICE_COUNTS
     optimizer = optax.sgd(0.05)
     rng = np.random.default_rng(0)
     results = {}
     modes = ("local", "sync", "flax_sync")  # per-device normjax, synchronized normjax, synchronized Flax default
-    for n in DEVICE_COUNTS:
+    for n in device_counts:
         mesh = Mesh(np.array(jax.devices()[:n]), ("d",))
         images = jnp.asarray(rng.normal(size=(n * per_device_batch, size, size, 3)), jnp.float32)
         labels = jnp.asarray(rng.integers(0, CLASSES, n * per_device_batch))
@@ -277,7 +490,7 @@ def run(quick: bool) -> dict:
                 "data": (images, labels),
             }
     for round_index in range(rounds):  # interleaved: every configuration once per round, order rotating
-        for n in DEVICE_COUNTS:
+        for n in device_counts:
             shift = round_index % len(modes)
             for mode in modes[shift:] + modes[:shift]:
                 r = results[(n, mode)]
@@ -288,16 +501,11 @@ def run(quick: bool) -> dict:
                 jax.block_until_ready(r["carry"])
                 r["times"].append((time.perf_counter() - start) / steps)
 
-    def paired(numerator, denominator):
-        # Each round times every mode back to back, so per-round ratios cancel slow load drifts.
-        ratios = [a / b for a, b in zip(numerator["times"], denominator["times"], strict=True)]
-        return statistics.median(ratios), np.percentile(ratios, [25, 75]).tolist()
-
     rows = []
-    for n in DEVICE_COUNTS:
+    for n in device_counts:
         local, synced, flax = (results[(n, mode)] for mode in modes)
-        sync_over_local, quartiles = paired(synced, local)
-        sync_over_flax, flax_quartiles = paired(synced, flax)
+        sync_over_local, quartiles = paired_ratio(synced["times"], local["times"])
+        sync_over_flax, flax_quartiles = paired_ratio(synced["times"], flax["times"])
         rows.append(
             {
                 "devices": n,
@@ -332,8 +540,51 @@ def run(quick: bool) -> dict:
         "rows": rows,
         "bn_call_collectives": bn_call_bytes(),
         "call_time_vs_flax": call_time_vs_flax(quick),
+        "resnet_pmap": resnet_under_pmap(quick),
         "equal_weight_probe": equal_weight_probe(),
     }
+
+
+def resnet_markdown(r: dict) -> list[str]:
+    """The "ResNet under pmap" section of ``results.md``."""
+    labels = {
+        "flax default": "`flax.linen.BatchNorm` (default)",
+        "flax default (control copy)": "`flax.linen.BatchNorm` (default), control copy",
+        "flax exact": "`flax.linen.BatchNorm(use_fast_variance=False)`",
+        "normjax": "`normjax.linen.BatchNorm`",
+    }
+    q25, q75 = r["normjax_over_flax_exact_quartiles"]
+    losses = r["max_loss_difference"]
+    lines = [
+        "",
+        "## ResNet under pmap",
+        "",
+        f"Flax's ImageNet example (ResNet with stages {r['stage_sizes']}, {r['num_filters']} filters, "
+        f"{r['batch_norm_layers']} synchronized BatchNorm layers; its `train_step` under `jax.pmap(..., "
+        f"axis_name='batch')`, {r['optimizer']}) on {r['devices']} devices, per-device batch "
+        f"{r['per_device_batch']} of {r['image']} images; {r['rounds']} interleaved rounds of "
+        f"{r['steps_per_timing']} steps. Only the BatchNorm class differs. Ratios are medians of the per-round "
+        "ratios [interquartile range]; collectives are per device, from the compiled step.",
+        "",
+        "| BatchNorm | ms/step | / Flax default [IQR] | all-reduce ops, bytes | all-gather ops, bytes |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in r["rows"]:
+        a25, a75 = row["over_flax_default_quartiles"]
+        lines.append(
+            f"| {labels[row['batch_norm']]} | {row['ms']:.2f} | {row['over_flax_default']:.3f} "
+            f"[{a25:.3f}, {a75:.3f}] | {row['all_reduce'][0]}, {row['all_reduce'][1]} | "
+            f"{row['all_gather'][0]}, {row['all_gather'][1]} |"
+        )
+    lines += [
+        "",
+        f"normjax / Flax exact: {r['normjax_over_flax_exact']:.3f} [{q25:.3f}, {q75:.3f}]. Training losses over "
+        f"the first {len(r['rows'][0]['losses'])} steps from the same weights, largest difference: normjax vs "
+        f"Flax exact {losses['normjax vs flax exact']:.2e}, normjax vs Flax default "
+        f"{losses['normjax vs flax default']:.2e}, Flax exact vs Flax default "
+        f"{losses['flax exact vs flax default']:.2e}.",
+    ]
+    return lines
 
 
 def to_markdown(result: dict) -> str:
@@ -346,7 +597,7 @@ def to_markdown(result: dict) -> str:
         f"optax SGD; {cfg['rounds']} interleaved rounds of {cfg['steps_per_timing']} steps. "
         f"jax {cfg['jax']}, {cfg['machine']}{mode}.",
         "",
-        "Times are the median (min) over rounds; sync / local is the median of the per-round ratios, with their "
+        "Times are medians over rounds; sync / local is the median of the per-round ratios, with their "
         "interquartile range.",
         "",
         "| devices | local ms/step | sync ms/step | Flax sync ms/step | sync / local [IQR] | sync / Flax sync [IQR] |"
@@ -397,6 +648,7 @@ def to_markdown(result: dict) -> str:
             f"| {r['devices']} | {r['flax_ms']:.2f} | {r['normjax_over_flax']:.2f} | "
             f"{r['flax_two_pass_over_flax']:.2f} |"
         )
+    lines += resnet_markdown(result["resnet_pmap"])
     p = result["equal_weight_probe"]
     lines += [
         "",
