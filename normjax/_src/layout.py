@@ -127,8 +127,8 @@ class XlaTpu(Generic):
     TPU compiler forms ``hi`` in a small kernel of its own, in the layout of the slice that gave the shift,
     beside the one that forms the inverse standard deviation, and again in the backward. With the shift and
     the offset subtracted where ``x`` is read, the small per-statistic work needs no shift and fuses like
-    Flax's: 3 to 9 kernels fewer per norm (LayerNorm forward+backward 14 to 10, GroupNorm 41 to 32), the same
-    bytes, and no temporary (LayerNorm's backward had one of 0.4 MB).
+    Flax's: 1 to 9 kernels fewer per norm and mode (LayerNorm forward+backward 14 to 10, GroupNorm 41 to 32;
+    BatchNorm NC has one more), the same bytes, and no temporary (LayerNorm's backward had one of 0.4 MB).
     """
 
     name = "xla_tpu"
