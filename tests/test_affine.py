@@ -159,22 +159,23 @@ _LAYOUT_CASES = {  # shape, reduction axes, feature axes, centered, per-example 
 }
 
 
+@pytest.mark.parametrize("layout", ["xla_cpu", "xla_tpu"])
 @pytest.mark.parametrize("name", sorted(_LAYOUT_CASES))
-def test_both_layouts_agree_on_per_example_parameters(name):
+def test_every_layout_agrees_with_the_generic_one_on_per_example_parameters(name, layout):
     shape, reduction_axes, feature_axes, centered, param_shape = _LAYOUT_CASES[name]
     x, s, b = _data(shape, param_shape, seed=11)
     g = jnp.asarray(np.random.default_rng(12).normal(size=shape), jnp.float32)
     epsilon = jnp.asarray(1e-5, jnp.float32)
 
-    def run(layout):
+    def run(name):
         spec = core._Spec(
-            reduction_axes, feature_axes, centered, None, None, jnp.dtype(jnp.float32), layout, scale_offset=1.0
+            reduction_axes, feature_axes, centered, None, None, jnp.dtype(jnp.float32), name, scale_offset=1.0
         )
         f = jax.jit(lambda x, s, b: core._standardize(spec, x, s, b, None, epsilon, None))
         (y, mean, var, _), pull = jax.vjp(f, x, s, b)
         return (y,) + pull((g, jnp.zeros_like(mean), jnp.zeros_like(var), jnp.zeros_like(var)))
 
-    for got, want in zip(run("xla_cpu"), run("generic"), strict=True):
+    for got, want in zip(run(layout), run("generic"), strict=True):
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 

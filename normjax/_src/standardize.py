@@ -20,10 +20,12 @@ it), and :math:`c` is the static ``scale_offset`` (1 for a zero-centered scale, 
 is exact for narrow parameters). Reverse mode is JAX's transpose of this linear map, the textbook backward
 :math:`\bar x = s\,(g' - \overline{m g'} - \hat x\,\overline{m \hat x g'})` with :math:`g' = (\gamma + c) \bar y`:
 two reductions and one elementwise pass. Written as a JVP the rule also serves ``jax.jvp``, ``jacfwd``, higher
-orders, ``vmap`` and collectives. The mean is the exact float sum ``hi + lo`` of this device's shift and offset:
-the output subtracts ``hi``, and the rule sums ``(x - hi) - lo``, so the backward's components along the reduced
-axes cancel to rounding of the data's spread even at a large mean (``x - hi`` alone would leave a residual of
-``n * lo``, up to ``n * eps * |mu| / 2``).
+orders, ``vmap`` and collectives. The mean is kept as an exact sum of two floats, of this device's shift and
+offset or of ``hi`` (their sum rounded) and ``lo``: the output subtracts ``hi`` (as Flax's does) or both, and the
+rule sums ``(x - hi) - lo``, so the backward's components along the reduced axes cancel to rounding of the
+data's spread even at a large mean (``x - hi`` alone would leave a residual of ``n * lo``, up to
+``n * eps * |mu| / 2``). Which pair the full-size passes subtract is the layout's choice (one form suits XLA's
+GPU compiler, the other its TPU compiler).
 
 Masked-out elements never enter arithmetic whose result is kept: they are selected away (never multiplied by
 zero), their :math:`\hat x` is 0, so their output is :math:`\beta`, and no derivative reads them.
@@ -180,6 +182,7 @@ def standardize(
         y, mean, var, count = jax.lax.platform_dependent(
             *operands,
             cpu=functools.partial(_standardize, spec._replace(layout="xla_cpu")),
+            tpu=functools.partial(_standardize, spec._replace(layout="xla_tpu")),
             default=functools.partial(_standardize, spec),
         )
     if zero_masked_outputs:
@@ -251,9 +254,13 @@ def _deviation(x, mean, mask=None):
     return _select(mask, x - mean)
 
 
-def _output_deviation(x, mean, mask=None):
-    """``x - mean`` for the output: also masked-out positions, as in Flax, unless they hold NaN or inf (then 0)."""
-    return _select(None if mask is None else mask | jnp.isfinite(x), x - mean)
+def _output_deviation(x, mean, mask=None, residual=None):
+    """``x - mean`` for the output: also masked-out positions, as in Flax, unless they hold NaN or inf (then 0).
+
+    With ``residual``, the mean is ``mean + residual`` (an exact sum of two floats) and both are subtracted.
+    """
+    deviation = x - mean if residual is None else (x - mean) - residual
+    return _select(None if mask is None else mask | jnp.isfinite(x), deviation)
 
 
 def check_normalized_dtype(normalized_dtype, x_dtype) -> None:
@@ -276,7 +283,7 @@ def check_normalized_dtype(normalized_dtype, x_dtype) -> None:
         )
 
 
-def standardized_output(x, mean, inv_std, gamma=None, beta=None, mask=None, normalized_dtype=None):
+def standardized_output(x, mean, inv_std, gamma=None, beta=None, mask=None, normalized_dtype=None, residual=None):
     r"""The one definition of a norm's output, ``(x - mean) * inv_std * gamma + beta``, and its casting order.
 
     ``normalized_dtype=None``: the affine runs in the statistics dtype as ``(x - mean) * (inv_std * gamma) +
@@ -295,9 +302,9 @@ def standardized_output(x, mean, inv_std, gamma=None, beta=None, mask=None, norm
     Masked-out positions are standardized like the others (with the valid elements' statistics, as Flax does),
     except that a non-finite one outputs ``beta``: padding may hold anything without reaching any result or
     derivative. ``zero_masked_outputs`` (:func:`zero_masked`) then selects 0 there, after the rounding to the
-    output dtype.
+    output dtype. With ``residual`` the mean is ``mean + residual``, subtracted as ``(x - mean) - residual``.
     """
-    deviation = _output_deviation(x, mean, mask)
+    deviation = _output_deviation(x, mean, mask, residual)
     if normalized_dtype is None:
         multiplier = inv_std if gamma is None else inv_std * gamma
         y = deviation * multiplier
@@ -342,12 +349,32 @@ def _forward(spec: _Spec, x, scale, bias, mask, epsilon, renorm):
     r, d = _renorm_factors(spec, x.ndim, moments, epsilon, renorm)
     gamma = offset_scale(as_affine(scale, x.ndim, spec.feature_axes), spec.scale_offset, inv_std.dtype)
     gamma, beta = _affine(gamma, as_affine(bias, x.ndim, spec.feature_axes), r, d)
-    # The mean as the float sum hi + lo of this device's shift and offset (Fast2Sum): the output subtracts hi, as
-    # Flax's does, and the derivative corrects by lo, so its components along the reduced axes still cancel.
+    center = _mean_as_two_floats(layout, own)
+    y = standardized_output(xf, center.hi, inv_std, gamma, beta, mask, spec.normalized_dtype, center.subtracted_lo)
+    return y.astype(spec.out_dtype), moments.mean, moments.var, moments.count, (xf, center, inv_std, gamma, r, d)
+
+
+class _Center(NamedTuple):
+    """This device's mean as the exact sum ``hi + lo``; ``subtracted_lo`` is ``lo`` where the full-size passes
+    subtract it too (``(x - hi) - lo``), None where they subtract ``hi`` alone."""
+
+    hi: jax.Array
+    lo: jax.Array
+    subtracted_lo: jax.Array | None
+
+
+def _mean_as_two_floats(layout: layout_lib.Generic, own) -> _Center:
+    """The mean ``shift + offset`` as the full-size passes subtract it (see :mod:`normjax._src.layout`).
+
+    ``deviation_about_shift``: the shift and the offset themselves, ``(x - shift) - offset`` (``x - shift`` is
+    exact for ``x`` near the shift). Otherwise their float sum ``hi`` and its rounding error ``lo`` (Fast2Sum):
+    the output subtracts ``hi``, as Flax's does, and the derivative corrects by ``lo``, so its components along
+    the reduced axes still cancel.
+    """
+    if layout.deviation_about_shift:
+        return _Center(own.shift, own.offset, own.offset)
     hi = own.shift + own.offset
-    lo = (own.shift - hi) + own.offset
-    y = standardized_output(xf, hi, inv_std, gamma, beta, mask, spec.normalized_dtype)
-    return y.astype(spec.out_dtype), moments.mean, moments.var, moments.count, (xf, hi, lo, inv_std, gamma, r, d)
+    return _Center(hi, (own.shift - hi) + own.offset, None)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -359,7 +386,7 @@ def _standardize(spec: _Spec, x, scale, bias, mask, epsilon, renorm):
 def _standardize_jvp(spec: _Spec, primals, tangents):
     x, scale, bias, mask, epsilon, renorm = primals
     dx, dscale, dbias, _, depsilon, _ = tangents
-    y, mean, var, count, (xf, hi, lo, inv_std, gamma, r, d) = _forward(spec, *primals)
+    y, mean, var, count, (xf, center, inv_std, gamma, r, d) = _forward(spec, *primals)
     layout = _layout(spec, xf)
     ndim = x.ndim
     n = jnp.maximum(count, 1)
@@ -367,10 +394,10 @@ def _standardize_jvp(spec: _Spec, primals, tangents):
     m = () if mask is None else (mask,)
     if spec.centered:
         dx_sum = layout.total(lambda dx, m=None: _select(m, dx), (dxf, *m))
-        projection = layout.total(lambda dx, x, k, m=None: _deviation(x, k, m) * dx, (dxf, xf, hi, *m))
+        projection = layout.total(lambda dx, x, k, m=None: _deviation(x, k, m) * dx, (dxf, xf, center.hi, *m))
         # sum(m (x - mean) dx) with x - mean = (x - hi) - lo (this device's hi and lo): the correction makes the
         # backward's factor (x - hi) - lo, whose sum over the reduced axes is zero to rounding of the data's spread.
-        dx_sum, projection = psum((dx_sum, projection - lo * dx_sum), spec.axis_name, spec.axis_index_groups)
+        dx_sum, projection = psum((dx_sum, projection - center.lo * dx_sum), spec.axis_name, spec.axis_index_groups)
         dmean = dx_sum / n
     else:
         projection = psum(
@@ -392,6 +419,18 @@ def _standardize_jvp(spec: _Spec, primals, tangents):
     g = jnp.ones((), xf.dtype) if gamma is None else gamma
     # dy = (dx - dmean) s γ + (x - mean) (ds γ + s dγ) + dβ; the full-size terms are built by the layout.
     per_statistic, per_feature = (dmean, inv_std, dinv_std), (g, dgamma, dbeta)
+
+    def deviation_term(fn, factors):
+        """The term ``fn(x - mean, *factors)``, with x - mean formed as the output forms it."""
+        mean = (center.hi,) if center.subtracted_lo is None else (center.hi, center.subtracted_lo)
+
+        def term(x, *operands):
+            rest = operands[len(mean) :]
+            mask_operand, factors = (rest[0], rest[1:]) if m else (None, rest)
+            return fn(_output_deviation(x, operands[0], mask_operand, *operands[1 : len(mean)]), *factors)
+
+        return term, (xf, *mean, *m, *factors)
+
     small = jnp.broadcast_shapes(*(jnp.shape(a) for a in per_statistic + per_feature if a is not None)) != x.shape
     if small:
         # BatchNorm, InstanceNorm, GroupNorm: every coefficient folds into a small array first, so each full-size
@@ -408,7 +447,7 @@ def _standardize_jvp(spec: _Spec, primals, tangents):
             terms = [(lambda dx, a: dx * a, (dxf, gain)), (lambda c: c, (shift,))]
         else:  # constant (beta) where a masked-out position is not finite
             terms = [(lambda dx, a, c, x, m: _select(m | jnp.isfinite(x), dx * a + c), (dxf, gain, shift, xf, mask))]
-        terms.append((lambda x, k, a, m=None: _output_deviation(x, k, m) * a, (xf, hi, slope, *m)))
+        terms.append(deviation_term(lambda deviation, a: deviation * a, (slope,)))
     else:
         # LayerNorm, RMSNorm: per-row statistics times per-feature parameters span x; no coefficient is small.
         if mask is None:
@@ -423,11 +462,9 @@ def _standardize_jvp(spec: _Spec, primals, tangents):
                     (dxf, dmean, inv_std, g, xf, mask),
                 )
             ]
-        terms.append((lambda x, k, ds, g, m=None: _output_deviation(x, k, m) * ds * g, (xf, hi, dinv_std, g, *m)))
+        terms.append(deviation_term(lambda deviation, ds, g: deviation * ds * g, (dinv_std, g)))
         if dgamma is not None:
-            terms.append(
-                (lambda x, k, s, dg, m=None: _output_deviation(x, k, m) * s * dg, (xf, hi, inv_std, dgamma, *m))
-            )
+            terms.append(deviation_term(lambda deviation, s, dg: deviation * s * dg, (inv_std, dgamma)))
     if dbeta is not None:
         terms.append((lambda db: db, (dbeta,)))
     dy = layout.combine(terms)
