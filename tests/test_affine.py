@@ -159,7 +159,7 @@ _LAYOUT_CASES = {  # shape, reduction axes, feature axes, centered, per-example 
 }
 
 
-@pytest.mark.parametrize("layout", ["xla_cpu", "xla_tpu"])
+@pytest.mark.parametrize("layout", ["xla_cpu", "xla_tpu", "xla_gpu"])
 @pytest.mark.parametrize("name", sorted(_LAYOUT_CASES))
 def test_every_layout_agrees_with_the_generic_one_on_per_example_parameters(name, layout):
     shape, reduction_axes, feature_axes, centered, param_shape = _LAYOUT_CASES[name]

@@ -176,13 +176,14 @@ def standardize(
         y, mean, var, count = _forward(spec, *operands)[:4]  # not holomorphic: JAX differentiates the forward
     elif _explicitly_sharded(x) or (names is not None and not on_device_axes(names, x)):
         # Under vmap or pmap axes, no platform_dependent: its branches lose vmap's named axes when JAX traces
-        # the rule again inside lax.scan (see moments._merge_with_psums).
+        # the rule again inside lax.scan (see moments._gather_by_psum).
         y, mean, var, count = _standardize(spec, *operands)
     else:
         y, mean, var, count = jax.lax.platform_dependent(
             *operands,
             cpu=functools.partial(_standardize, spec._replace(layout="xla_cpu")),
             tpu=functools.partial(_standardize, spec._replace(layout="xla_tpu")),
+            cuda=functools.partial(_standardize, spec._replace(layout="xla_gpu")),
             default=functools.partial(_standardize, spec),
         )
     if zero_masked_outputs:
