@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from normjax._src import arguments, device_axes, dtypes
 from normjax._src import axes as axes_lib
 from normjax._src.boundary import named_scope
 from normjax._src.normalize import normalize
@@ -121,31 +122,31 @@ def batch_norm(
       Covariate Shift", ICML 2015. Ioffe, "Batch Renormalization", NeurIPS 2017. Hoffer, Hubara & Soudry,
       "Train longer, generalize better", NeurIPS 2017.
     """
-    axes_lib.check_inexact(x)
-    axes_lib.check_static_bool(training, "training")
-    # -- argument checks (axes.py) --
-    axes_lib.check_static_bool(unbiased_running_var, "unbiased_running_var")
-    axes_lib.check_static_bool(skip_nonfinite, "skip_nonfinite")
-    axes_lib.check_static_bool(allow_single_value, "allow_single_value")
+    arguments.check_inexact(x)
+    arguments.check_static_bool(training, "training")
+    # -- argument checks --
+    arguments.check_static_bool(unbiased_running_var, "unbiased_running_var")
+    arguments.check_static_bool(skip_nonfinite, "skip_nonfinite")
+    arguments.check_static_bool(allow_single_value, "allow_single_value")
     if training:  # evaluation does not synchronize, so it needs no bound axis
-        axes_lib.check_ghost_batch_options(virtual_batch_size, axis_name, renorm_clipping)
-        axes_lib.check_axis_name(axis_name, axis_index_groups)
-    axes_lib.check_real_output(axes_lib.output_dtype(x, dtype), scale=scale, bias=bias)
+        arguments.check_ghost_batch_options(virtual_batch_size, axis_name, renorm_clipping)
+        device_axes.check_axis_name(axis_name, axis_index_groups)
+    dtypes.check_real_output(dtypes.output_dtype(x, dtype), scale=scale, bias=bias)
     # -- end of argument checks --
-    axes_lib.check_momentum(momentum)
-    axes_lib.check_epsilon(epsilon, x.dtype)
+    arguments.check_momentum(momentum)
+    arguments.check_epsilon(epsilon, x.dtype)
     ndim = jnp.ndim(x)
     feature_axes = axes_lib.canonicalize_axes(axis, ndim, "axis")
     feature_shape = tuple(x.shape[a] for a in feature_axes)
     what = f"one value per feature along axis {feature_axes}"
-    axes_lib.check_affine(scale, x.shape, feature_axes, "scale", what)
-    axes_lib.check_affine(bias, x.shape, feature_axes, "bias", what)
-    axes_lib.check_scale_offset(scale_offset, scale)
-    axes_lib.check_static_bool(zero_masked_outputs, "zero_masked_outputs")
-    axes_lib.check_state(state, feature_shape, x.dtype, what)
-    axes_lib.check_mask(mask, jnp.shape(x))
-    axes_lib.check_renorm_clipping(renorm_clipping)
-    axes_lib.check_renorm_warmup(renorm_warmup_steps, renorm_clipping, getattr(state, "count", None))
+    arguments.check_affine(scale, x.shape, feature_axes, "scale", what)
+    arguments.check_affine(bias, x.shape, feature_axes, "bias", what)
+    arguments.check_scale_offset(scale_offset, scale)
+    arguments.check_static_bool(zero_masked_outputs, "zero_masked_outputs")
+    arguments.check_state(state, feature_shape, x.dtype, what)
+    arguments.check_mask(mask, jnp.shape(x))
+    arguments.check_renorm_clipping(renorm_clipping)
+    arguments.check_renorm_warmup(renorm_warmup_steps, renorm_clipping, getattr(state, "count", None))
     casting = dict(dtype=dtype, normalized_dtype=normalized_dtype)
 
     if not training:
@@ -169,7 +170,7 @@ def batch_norm(
         )  # fmt: skip
 
     reduction_axes = axes_lib.complement(feature_axes, ndim)
-    axes_lib.check_batch_norm_values(x.shape, reduction_axes, mask, axis_name, axis_index_groups, allow_single_value)
+    arguments.check_batch_norm_values(x.shape, reduction_axes, mask, axis_name, axis_index_groups, allow_single_value)
     y, stats = standardize(
         x, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes, epsilon=epsilon, mask=mask,
         axis_name=axis_name, axis_index_groups=axis_index_groups,
@@ -229,7 +230,7 @@ def _ghost_batch_norm(
             "axis. Put the batch first."
         )
     batch = x.shape[0]
-    axes_lib.check_virtual_batch_size(virtual_batch_size, batch)
+    arguments.check_virtual_batch_size(virtual_batch_size, batch)
     virtual_batch_size = int(virtual_batch_size)
     ghosts = batch // virtual_batch_size
     grouped_shape = (ghosts, virtual_batch_size) + x.shape[1:]
@@ -238,7 +239,7 @@ def _ghost_batch_norm(
     # Axis 0 now indexes virtual batches; statistics are per virtual batch and feature.
     grouped_features = tuple(a + 1 for a in feature_axes)
     reduction_axes = axes_lib.complement((0,) + grouped_features, xg.ndim)
-    axes_lib.check_batch_norm_values(xg.shape, reduction_axes, mask_g, None, None, allow_single_value)
+    arguments.check_batch_norm_values(xg.shape, reduction_axes, mask_g, None, None, allow_single_value)
     y, stats = standardize(
         xg, _ghost_param(scale, grouped_shape), _ghost_param(bias, grouped_shape), reduction_axes=reduction_axes,
         feature_axes=grouped_features, epsilon=epsilon, mask=mask_g, dtype=dtype, normalized_dtype=normalized_dtype,

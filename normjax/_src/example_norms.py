@@ -7,6 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from normjax._src import arguments, dtypes
 from normjax._src import axes as axes_lib
 from normjax._src.boundary import named_scope, renamed_keywords
 from normjax._src.standardize import standardize
@@ -70,9 +71,9 @@ def layer_norm(
     References:
       Ba, Kiros & Hinton, "Layer Normalization", arXiv:1607.06450, 2016.
     """
-    axes_lib.check_inexact(x)
+    arguments.check_inexact(x)
     reduction_axes = axes_lib.canonicalize_axes(reduction_axes, jnp.ndim(x), "reduction_axes")
-    axes_lib.check_norm_values("layer_norm", x.shape, reduction_axes, axis_name, axis_index_groups)
+    arguments.check_norm_values("layer_norm", x.shape, reduction_axes, axis_name, axis_index_groups)
     return standardize(
         x,
         scale,
@@ -146,9 +147,9 @@ def rms_norm(
     References:
       Zhang & Sennrich, "Root Mean Square Layer Normalization", NeurIPS 2019.
     """
-    axes_lib.check_inexact(x)
+    arguments.check_inexact(x)
     reduction_axes = axes_lib.canonicalize_axes(reduction_axes, jnp.ndim(x), "reduction_axes")
-    axes_lib.check_norm_values("rms_norm", x.shape, reduction_axes, axis_name, axis_index_groups)
+    arguments.check_norm_values("rms_norm", x.shape, reduction_axes, axis_name, axis_index_groups)
     return standardize(
         x,
         scale,
@@ -234,14 +235,14 @@ def gated_rms_norm(
       Dao & Gu, "Transformers are SSMs: Generalized Models and Efficient Algorithms Through Structured State
       Space Duality" (Mamba-2), ICML 2024. Zhang & Sennrich, "Root Mean Square Layer Normalization", NeurIPS 2019.
     """
-    axes_lib.check_inexact(x)
-    axes_lib.check_gate(gate, x.shape)
-    axes_lib.check_static_bool(norm_before_gate, "norm_before_gate")
+    arguments.check_inexact(x)
+    arguments.check_gate(gate, x.shape)
+    arguments.check_static_bool(norm_before_gate, "norm_before_gate")
     reduction_axes = axes_lib.canonicalize_axes(reduction_axes, jnp.ndim(x), "reduction_axes")
-    axes_lib.check_norm_values("rms_norm", x.shape, reduction_axes, axis_name, axis_index_groups)
-    axes_lib.check_float_dtype(dtype)
-    out_dtype = axes_lib.output_dtype(x, dtype)
-    wide = axes_lib.stats_dtype(axes_lib.promote_types(x.dtype, jnp.result_type(gate)))
+    arguments.check_norm_values("rms_norm", x.shape, reduction_axes, axis_name, axis_index_groups)
+    dtypes.check_float_dtype(dtype)
+    out_dtype = dtypes.output_dtype(x, dtype)
+    wide = dtypes.stats_dtype(dtypes.promote_types(x.dtype, jnp.result_type(gate)))
     silu = jax.nn.silu(jnp.asarray(gate).astype(wide))
     normalize = functools.partial(
         standardize,
@@ -326,21 +327,21 @@ def group_norm(
     References:
       Wu & He, "Group Normalization", ECCV 2018.
     """
-    axes_lib.check_inexact(x)
+    arguments.check_inexact(x)
     ndim = jnp.ndim(x)
     channel_axis = axes_lib.canonicalize_channel_axis(feature_axes, ndim, "group_norm", "feature_axes")
     channels = x.shape[channel_axis]
-    groups = axes_lib.check_groups(channels, num_groups, group_size)
-    grouped_reduction = _grouped_reduction_axes(reduction_axes, ndim, channel_axis)
+    groups = arguments.group_count(channels, num_groups, group_size)
+    grouped_reduction = axes_lib.group_norm_reduction_axes(reduction_axes, ndim, channel_axis)
     if mask is not None:
-        axes_lib.check_mask(mask, x.shape)
+        arguments.check_mask(mask, x.shape)
         mask = jnp.broadcast_to(mask, x.shape)
     grouped_shape = x.shape[:channel_axis] + (groups, channels // groups) + x.shape[channel_axis + 1 :]
     regroup = lambda a: None if a is None else jnp.reshape(a, grouped_shape)  # noqa: E731
-    axes_lib.check_norm_values("group_norm", grouped_shape, grouped_reduction, axis_name, axis_index_groups)
+    arguments.check_norm_values("group_norm", grouped_shape, grouped_reduction, axis_name, axis_index_groups)
     what = f"one value per channel along axis {channel_axis}"
-    axes_lib.check_affine(scale, x.shape, (channel_axis,), "scale", what)
-    axes_lib.check_affine(bias, x.shape, (channel_axis,), "bias", what)
+    arguments.check_affine(scale, x.shape, (channel_axis,), "scale", what)
+    arguments.check_affine(bias, x.shape, (channel_axis,), "bias", what)
     y = standardize(
         regroup(x),
         per_group(scale, ndim, channel_axis, groups),
@@ -357,21 +358,6 @@ def group_norm(
         zero_masked_outputs=zero_masked_outputs,
     )[0]
     return jnp.reshape(y, x.shape)
-
-
-def _grouped_reduction_axes(reduction_axes: Axes | None, ndim: int, channel_axis: int) -> tuple[int, ...]:
-    """GroupNorm's ``reduction_axes`` on the grouped view (the channel axis split into ``(groups, channels per
-    group)``): the channel axis becomes the axis of the channels within a group, the axes after it shift by one."""
-    if reduction_axes is None:
-        reduction_axes = tuple(range(1, ndim))
-    axes = axes_lib.canonicalize_axes(reduction_axes, ndim, "reduction_axes")
-    if channel_axis not in axes:
-        raise ValueError(
-            f"`reduction_axes`={reduction_axes!r} of group_norm must include the channel axis {channel_axis} "
-            f"(`feature_axes`): the channels of a group are always reduced together; input rank {ndim}. Pass "
-            f"`reduction_axes={tuple(sorted(axes + (channel_axis,)))}`."
-        )
-    return tuple(a + (a >= channel_axis) for a in axes)
 
 
 def per_group(param: jax.Array | None, ndim: int, channel_axis: int, groups: int) -> jax.Array | None:
@@ -448,10 +434,10 @@ def instance_norm(
       Ulyanov, Vedaldi & Lempitsky, "Instance Normalization: The Missing Ingredient for Fast Stylization",
       arXiv:1607.08022, 2016.
     """
-    axes_lib.check_inexact(x)
+    arguments.check_inexact(x)
     ndim = jnp.ndim(x)
-    feature_axes, reduction_axes = instance_norm_axes(ndim, feature_axes)
-    axes_lib.check_norm_values("instance_norm", x.shape, reduction_axes, axis_name, axis_index_groups)  # (axes.py)
+    feature_axes, reduction_axes = axes_lib.instance_norm_axes(ndim, feature_axes)
+    arguments.check_norm_values("instance_norm", x.shape, reduction_axes, axis_name, axis_index_groups)
     return standardize(
         x,
         scale,
@@ -467,16 +453,3 @@ def instance_norm(
         scale_offset=scale_offset,
         zero_masked_outputs=zero_masked_outputs,
     )[0]
-
-
-def instance_norm_axes(ndim: int, feature_axes: Axes) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """InstanceNorm's axes, Flax's: ``(feature_axes, reduction_axes)``, reducing every axis but 0 and the
-    features."""
-    features = axes_lib.canonicalize_axes(feature_axes, ndim, "feature_axes")
-    if 0 in features:
-        raise ValueError(
-            "The channel axes cannot include the leading dimension as this is assumed to be the batch axis. "
-            f"`feature_axes`={feature_axes!r} includes axis 0 of the rank-{ndim} input. Put the batch first and "
-            "pass the channel axes (e.g. -1 for NHWC); for a single example add a batch axis with `x[None]`."
-        )
-    return features, axes_lib.complement((0,) + features, ndim)

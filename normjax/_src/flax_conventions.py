@@ -24,11 +24,13 @@ from collections.abc import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 
+from normjax._src import arguments, dtypes
 from normjax._src import axes as axes_lib
 from normjax._src.batch_norm import batch_norm
 from normjax._src.example_norms import gated_rms_norm, per_group
 from normjax._src.standardize import standardize
 from normjax._src.state import BatchNormState
+from normjax._src.typing import Axes, AxisName, is_int
 
 #: The dtype the layers create running statistics in, whatever ``param_dtype`` or ``force_float32_reductions``.
 RUNNING_STATS_DTYPE = jnp.float32
@@ -67,11 +69,11 @@ def layer_output_dtype(*arrays: jax.Array | None, dtype=None) -> jnp.dtype:
     """
     check_input(arrays[0])
     if dtype is None:
-        dtypes = [jnp.result_type(a) for a in arrays if a is not None]
-        dtype = jnp.result_type(*(jnp.float32 if axes_lib.is_narrow_float(d) else d for d in dtypes))
+        given = [jnp.result_type(a) for a in arrays if a is not None]
+        dtype = jnp.result_type(*(jnp.float32 if dtypes.is_narrow_float(d) else d for d in given))
         if not jnp.issubdtype(dtype, jnp.inexact):
             dtype = jnp.promote_types(jnp.float32, dtype)
-    axes_lib.check_float_dtype(dtype, "dtype", "the layer's output dtype")
+    dtypes.check_float_dtype(dtype, "dtype", "the layer's output dtype")
     dtype = jnp.dtype(dtype)
     if not jnp.issubdtype(dtype, jnp.inexact):
         raise ValueError(
@@ -89,7 +91,7 @@ def bool_mask(mask) -> jax.Array | None:
 def check_input(x) -> None:
     """Flax's layers take anything ``jnp.asarray`` takes; a torch tensor gets the core's message on converting it."""
     if hasattr(x, "detach") and hasattr(x, "cpu"):
-        axes_lib.check_inexact(x)
+        arguments.check_inexact(x)
 
 
 def widen(x, out_dtype) -> jax.Array:
@@ -97,7 +99,7 @@ def widen(x, out_dtype) -> jax.Array:
     floating, as Flax accepts), so the core computes in >= float32 and rounds once, to the output dtype. An 8-bit
     float input stays as it is: the core reads it in float32."""
     x = jnp.asarray(x)
-    if axes_lib.is_narrow_float(x.dtype):
+    if dtypes.is_narrow_float(x.dtype):
         return x
     return x.astype(jnp.promote_types(x.dtype, out_dtype))
 
@@ -115,7 +117,7 @@ def promote_exactly(args: Sequence[jax.Array | None], /, *, dtype=None) -> tuple
     return tuple(None if a is None else widen(a, out) for a in args)
 
 
-def feature_shape(shape: Sequence[int], axes: axes_lib.Axes, name: str) -> tuple[int, ...]:
+def feature_shape(shape: Sequence[int], axes: Axes, name: str) -> tuple[int, ...]:
     """The shape of a per-feature parameter: ``shape`` along the (sorted, non-negative) axes ``axes``."""
     return tuple(shape[a] for a in axes_lib.canonicalize_axes(axes, len(shape), name))
 
@@ -138,7 +140,7 @@ def check_running_stats(mean, var, shape: tuple[int, ...], names: tuple[str, str
 
 def check_num_features(num_features, layer: str) -> None:
     """Raises unless an nnx layer's `num_features` is a positive int."""
-    if not axes_lib._is_int(num_features) or num_features < 1:
+    if not is_int(num_features) or num_features < 1:
         raise TypeError(
             f"`num_features` of nnx {layer} must be a positive int (the size of the feature axis), got "
             f"{num_features!r}. Pass e.g. `{layer}(64, rngs=nnx.Rngs(0))` for 64 channels."
@@ -149,7 +151,7 @@ def check_input_features(x, axes, axes_name: str, num_features: int, layer: str)
     """Raises when the input's feature axis does not hold `num_features` elements (nnx layers fix it at build)."""
     check_input(x)
     x_shape = jnp.shape(x)
-    if not axes_lib._is_int(axes):
+    if not is_int(axes):
         return  # several feature axes: their shapes are checked against the parameters by the core
     (axis,) = axes_lib.canonicalize_axes(axes, len(x_shape), axes_name)
     if x_shape[axis] != num_features:
@@ -174,13 +176,13 @@ def check_several_values(
     if initializing and axis_name is not None:
         return  # not synchronized during init; the training call decides
     axes = axes_lib.canonicalize_axes(reduction_axes, len(shape), "reduction_axes")
-    axes_lib.check_several_values(
+    arguments.check_several_values(
         shape,
         axes,
         None if initializing else axis_name,
         None if initializing else axis_index_groups,
         layer,
-        axes_lib.ONE_VALUE_FIX["instance_norm"]
+        arguments.ONE_VALUE_FIX["instance_norm"]
         if layer == "InstanceNorm"
         else "Check `reduction_axes` (and `feature_axes`): they must reduce axes holding more than one element.",
         empty_only=layer != "BatchNorm",
@@ -189,7 +191,7 @@ def check_several_values(
 
 def call_affine(own: jax.Array | None, given: jax.Array | None, name: str, layer: str) -> jax.Array | None:
     """The scale (or bias) a Flax layer's call uses: its own parameter, or the one given at call time."""
-    return axes_lib.call_time_param(own, given, name, layer, "use_scale" if name == "scale" else "use_bias")
+    return arguments.call_time_param(own, given, name, layer, "use_scale" if name == "scale" else "use_bias")
 
 
 def _running_state(mean: jax.Array, var: jax.Array, count: jax.Array | None, x_dtype) -> BatchNormState:
@@ -199,7 +201,7 @@ def _running_state(mean: jax.Array, var: jax.Array, count: jax.Array | None, x_d
     it complex); ``mean`` complex for a complex input. The last is what linen Flax does too: its running mean
     becomes complex on the first complex batch, where nnx Flax drops the imaginary part with a FutureWarning.
     """
-    stats_dtype = axes_lib.stats_dtype(x_dtype)
+    stats_dtype = dtypes.stats_dtype(x_dtype)
     mean = jnp.asarray(mean)
     mean = mean.astype(jnp.promote_types(mean.dtype, stats_dtype))
     var = jnp.asarray(var)
@@ -220,8 +222,8 @@ def apply_batch_norm(
     initializing: bool,
     momentum: float,
     epsilon: float,
-    axis: axes_lib.Axes,
-    axis_name: axes_lib.AxisName,
+    axis: Axes,
+    axis_name: AxisName,
     axis_index_groups,
     mask,
     dtype,
@@ -245,7 +247,7 @@ def apply_batch_norm(
     ``stats_fix`` phrase a shape mismatch of the running statistics in the layer's own terms.
     ``running_count`` is the layer's step counter, which it keeps only when ``renorm_warmup_steps`` needs one.
     """
-    axes_lib.check_static_bool(use_running_average, "use_running_average")
+    arguments.check_static_bool(use_running_average, "use_running_average")
     out = layer_output_dtype(x, scale, bias, dtype=dtype)
     x = widen(x, out)
     check_running_stats(
@@ -288,11 +290,11 @@ def apply_standardize(
     scale: jax.Array | None,
     bias: jax.Array | None,
     *,
-    reduction_axes: axes_lib.Axes,
-    feature_axes: axes_lib.Axes,
+    reduction_axes: Axes,
+    feature_axes: Axes,
     epsilon: float,
     mask,
-    axis_name: axes_lib.AxisName,
+    axis_name: AxisName,
     axis_index_groups,
     dtype,
     initializing: bool = False,
@@ -340,43 +342,6 @@ def apply_standardize(
     )[0]
 
 
-def group_count(channels: int, num_groups: int | None, group_size: int | None, channels_word="channels") -> int:
-    """The number of groups of a GroupNorm layer, validated as Flax does (exactly one of the two is given).
-
-    ``channels_word`` is the word of Flax's message for a group size that does not divide: "channels" in linen,
-    "features" in nnx.
-    """
-    if (num_groups is None) == (group_size is None):
-        raise ValueError(
-            "Either `num_groups` or `group_size` should be specified. If `group_size` is to be specified, pass "
-            "`num_groups=None` as argument to override the default `num_groups` value of 32. "
-            f"GroupNorm got num_groups={num_groups!r} and group_size={group_size!r}; give exactly one."
-        )
-    try:
-        return axes_lib.check_groups(channels, num_groups, group_size)
-    except ValueError as error:
-        if num_groups is not None:
-            flax_sentence = f"Number of groups ({num_groups}) does not divide the number of channels ({channels})."
-        else:
-            flax_sentence = f"Number of {channels_word} ({channels}) is not multiple of the group size ({group_size})."
-        raise ValueError(f"{flax_sentence} {error}") from None
-
-
-def _group_reduction_axes(ndim: int, reduction_axes: axes_lib.Axes | None) -> tuple[int, ...]:
-    """Flax's GroupNorm ``reduction_axes`` (default: all but the batch axis) without the channel axis."""
-    if reduction_axes is None:
-        reduction_axes = tuple(range(1, ndim - 1)) + (ndim - 1,)
-    axes = axes_lib.canonicalize_axes(reduction_axes, ndim, "reduction_axes")
-    if ndim - 1 not in axes:
-        raise ValueError(
-            "The reduction axes must include the final dimension as this is assumed to be the feature axis. "
-            f"`reduction_axes`={reduction_axes!r} must include the last axis, GroupNorm's channel axis (the "
-            f"channels of a group are always reduced together); input rank {ndim}. Add -1, e.g. "
-            f"`reduction_axes={tuple(a - ndim for a in axes) + (-1,)}`."
-        )
-    return axes[:-1]
-
-
 def apply_group_norm(
     x: jax.Array,
     scale: jax.Array | None,
@@ -384,10 +349,10 @@ def apply_group_norm(
     *,
     num_groups: int | None,
     group_size: int | None,
-    reduction_axes: axes_lib.Axes | None,
+    reduction_axes: Axes | None,
     epsilon: float,
     mask,
-    axis_name: axes_lib.AxisName,
+    axis_name: AxisName,
     axis_index_groups,
     dtype,
     initializing: bool = False,
@@ -405,14 +370,14 @@ def apply_group_norm(
     x = widen(x, out)
     ndim = x.ndim
     channels = x.shape[-1]
-    groups = group_count(channels, num_groups, group_size)
-    spatial = _group_reduction_axes(ndim, reduction_axes)
+    groups = arguments.group_count(channels, num_groups, group_size, norm="GroupNorm", flax_word="channels")
+    spatial = axes_lib.flax_group_norm_reduction_axes(ndim, reduction_axes)
     per_channel = f"one value per channel of the last axis ({channels})"
-    axes_lib.check_affine(scale, x.shape, (ndim - 1,), "scale", per_channel)
-    axes_lib.check_affine(bias, x.shape, (ndim - 1,), "bias", per_channel)
+    arguments.check_affine(scale, x.shape, (ndim - 1,), "scale", per_channel)
+    arguments.check_affine(bias, x.shape, (ndim - 1,), "bias", per_channel)
     mask = bool_mask(mask)
     if mask is not None:
-        axes_lib.check_mask(mask, x.shape)
+        arguments.check_mask(mask, x.shape)
         mask = jnp.broadcast_to(mask, x.shape)
     grouped_shape = x.shape[:-1] + (groups, channels // groups)
     check_several_values(

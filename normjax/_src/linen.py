@@ -15,8 +15,8 @@ import jax.numpy as jnp
 from flax.typing import Axes, Dtype, Initializer
 from jax.nn import initializers
 
+from normjax._src import axes as axes_lib
 from normjax._src import flax_conventions as common
-from normjax._src.example_norms import instance_norm_axes
 
 
 class BatchNorm(nn.Module):
@@ -554,7 +554,7 @@ class InstanceNorm(nn.Module):
         Returns:
           The normalized input, of ``x``'s shape.
         """
-        feature_axes, reduction_axes = instance_norm_axes(x.ndim, self.feature_axes)
+        feature_axes, reduction_axes = axes_lib.instance_norm_axes(x.ndim, self.feature_axes)
         scale, bias = _affine(self, tuple(x.shape[a] for a in feature_axes), scale, bias)
         return common.apply_standardize(
             x, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes, epsilon=self.epsilon,

@@ -21,9 +21,9 @@ from flax.nnx.module import first_from
 from flax.nnx.nn import initializers
 from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
 
+from normjax._src import arguments
 from normjax._src import axes as axes_lib
 from normjax._src import flax_conventions as common
-from normjax._src.example_norms import instance_norm_axes
 
 _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 # Flax's defaults, made once (a call in a signature default is evaluated once anyway).
@@ -229,7 +229,7 @@ class BatchNorm(nnx.Module):
             ),
         )
         common.check_input_features(x, self.axis, "axis", self.num_features, "BatchNorm")
-        axes_lib.check_static_bool(use_running_average, "use_running_average")
+        arguments.check_static_bool(use_running_average, "use_running_average")
         common.refuse_nnx_call_inside_linen_freeze(not use_running_average)
         running_mean, running_var = self.mean[...], self.var[...]
         scale, bias = _affine(self, scale, bias)
@@ -594,7 +594,9 @@ class GroupNorm(nnx.Module):
     ):
         common.check_num_features(num_features, "GroupNorm")
         self.feature_axis = -1
-        self.num_groups = common.group_count(num_features, num_groups, group_size, "features")
+        self.num_groups = arguments.group_count(
+            num_features, num_groups, group_size, norm="GroupNorm", flax_word="features"
+        )
         self.group_size = num_features // self.num_groups
         self.scale = _param(use_scale, scale_init, num_features, param_dtype, rngs, scale_metadata)
         self.bias = _param(use_bias, bias_init, num_features, param_dtype, rngs, bias_metadata)
@@ -755,7 +757,7 @@ class InstanceNorm(nnx.Module):
         Returns:
           The normalized input, of ``x``'s shape.
         """
-        feature_axes, reduction_axes = instance_norm_axes(jnp.ndim(x), self.feature_axes)
+        feature_axes, reduction_axes = axes_lib.instance_norm_axes(jnp.ndim(x), self.feature_axes)
         common.check_input_features(x, self.feature_axes, "feature_axes", self.num_features, "InstanceNorm")
         x, scale, bias = self.promote_dtype((x, *_affine(self, scale, bias)), dtype=self.dtype)
         return common.apply_standardize(

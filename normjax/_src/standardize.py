@@ -40,6 +40,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from normjax._src import arguments, device_axes, dtypes
 from normjax._src import axes as axes_lib
 from normjax._src import layout as layout_lib
 from normjax._src.moments import (
@@ -50,6 +51,7 @@ from normjax._src.moments import (
     shifted_moments,
     without_unit_axes,
 )
+from normjax._src.typing import Axes, AxisName
 
 
 class Renorm(NamedTuple):
@@ -96,7 +98,7 @@ def offset_scale(gamma: jax.Array | None, scale_offset: float, dtype) -> jax.Arr
     ``gamma``; ``gamma`` unchanged when the offset is 0."""
     if gamma is None or not scale_offset:
         return gamma
-    wide = axes_lib.promote_types(gamma.dtype, dtype)
+    wide = dtypes.promote_types(gamma.dtype, dtype)
     return gamma.astype(wide) + jnp.asarray(scale_offset, jnp.finfo(dtype).dtype)
 
 
@@ -110,12 +112,12 @@ def standardize(
     scale: jax.Array | None,
     bias: jax.Array | None,
     *,
-    reduction_axes: axes_lib.Axes,
-    feature_axes: axes_lib.Axes,
+    reduction_axes: Axes,
+    feature_axes: Axes,
     epsilon,
     mask: jax.Array | None = None,
     centered: bool = True,
-    axis_name: axes_lib.AxisName = None,
+    axis_name: AxisName = None,
     axis_index_groups=None,
     dtype=None,
     normalized_dtype=None,
@@ -129,28 +131,28 @@ def standardize(
     ``bias`` are per feature or per example (see :func:`as_affine`); ``scale_offset`` is added to ``scale`` (in
     the statistics dtype, before the casting order applies). With ``renorm``, Batch Renormalization's ``r`` and
     ``d`` (constants in the derivative) fold into the affine. ``dtype`` is the output dtype
-    (:func:`normjax._src.axes.output_dtype` by default) and ``normalized_dtype`` the casting order
+    (:func:`normjax._src.dtypes.output_dtype` by default) and ``normalized_dtype`` the casting order
     (:func:`standardized_output`). With ``zero_masked_outputs`` the output is 0 where ``mask`` is False.
     """
-    axes_lib.check_inexact(x)
-    axes_lib.check_epsilon(epsilon, x.dtype)
-    axes_lib.check_static_bool(centered, "centered")
-    axes_lib.check_float_dtype(dtype)
-    check_normalized_dtype(normalized_dtype, x.dtype)
+    arguments.check_inexact(x)
+    arguments.check_epsilon(epsilon, x.dtype)
+    arguments.check_static_bool(centered, "centered")
+    dtypes.check_float_dtype(dtype)
+    dtypes.check_normalized_dtype(normalized_dtype, x.dtype)
     ndim = jnp.ndim(x)
     reduction_axes = axes_lib.canonicalize_axes(reduction_axes, ndim, "reduction_axes")
     feature_axes = axes_lib.canonicalize_axes(feature_axes, ndim, "feature_axes")
     what = f"the size of x's feature axes {feature_axes}"
-    axes_lib.check_affine(scale, x.shape, feature_axes, "scale", what)
-    axes_lib.check_affine(bias, x.shape, feature_axes, "bias", what)
-    axes_lib.check_scale_offset(scale_offset, scale)
-    axes_lib.check_static_bool(zero_masked_outputs, "zero_masked_outputs")
-    axes_lib.check_mask(mask, jnp.shape(x))
-    axes_lib.check_axis_name(axis_name, axis_index_groups)
+    arguments.check_affine(scale, x.shape, feature_axes, "scale", what)
+    arguments.check_affine(bias, x.shape, feature_axes, "bias", what)
+    arguments.check_scale_offset(scale_offset, scale)
+    arguments.check_static_bool(zero_masked_outputs, "zero_masked_outputs")
+    arguments.check_mask(mask, jnp.shape(x))
+    device_axes.check_axis_name(axis_name, axis_index_groups)
     groups = None if axis_index_groups is None else tuple(tuple(int(i) for i in g) for g in axis_index_groups)
     names = axis_name if axis_name is None or isinstance(axis_name, str) else tuple(axis_name)
-    out_dtype = axes_lib.output_dtype(x, dtype)
-    axes_lib.check_real_output(out_dtype, scale=scale, bias=bias)
+    out_dtype = dtypes.output_dtype(x, dtype)
+    dtypes.check_real_output(out_dtype, scale=scale, bias=bias)
     if normalized_dtype is not None:
         normalized_dtype = jax.dtypes.canonicalize_dtype(normalized_dtype)
     spec = _Spec(
@@ -166,7 +168,7 @@ def standardize(
     )
     if mask is not None:
         mask = jnp.broadcast_to(mask, x.shape)
-    epsilon = jnp.asarray(epsilon, jnp.finfo(axes_lib.stats_dtype(x.dtype)).dtype)
+    epsilon = jnp.asarray(epsilon, jnp.finfo(dtypes.stats_dtype(x.dtype)).dtype)
     operands = (x, scale, bias, mask, epsilon, renorm)
     if jnp.iscomplexobj(x) or any(p is not None and jnp.iscomplexobj(p) for p in (scale, bias)):
         y, mean, var, count = _forward(spec, *operands)[:4]  # not holomorphic: JAX differentiates the forward
@@ -254,26 +256,6 @@ def _output_deviation(x, mean, mask=None):
     return _select(None if mask is None else mask | jnp.isfinite(x), x - mean)
 
 
-def check_normalized_dtype(normalized_dtype, x_dtype) -> None:
-    """Raises unless ``normalized_dtype`` is None or a float dtype (complex for a complex ``x``)."""
-    if normalized_dtype is None:
-        return
-    fix = (
-        "Pass the dtype to round the normalized values to before the affine, e.g. `normalized_dtype=x.dtype` "
-        "(HF Llama's order), or None to compute the affine in float32 and round once."
-    )
-    try:
-        dtype = jnp.dtype(normalized_dtype)
-    except TypeError:
-        raise TypeError(f"`normalized_dtype` must be a dtype, got {normalized_dtype!r}. {fix}") from None
-    wanted = jnp.complexfloating if jnp.issubdtype(x_dtype, jnp.complexfloating) else jnp.floating
-    if not jnp.issubdtype(dtype, wanted):
-        kind = "complex" if wanted is jnp.complexfloating else "real floating-point"
-        raise TypeError(
-            f"`normalized_dtype` must be a {kind} dtype for an input of dtype {x_dtype}, got {dtype}. {fix}"
-        )
-
-
 def standardized_output(x, mean, inv_std, gamma=None, beta=None, mask=None, normalized_dtype=None):
     r"""The one definition of a norm's output, ``(x - mean) * inv_std * gamma + beta``, and its casting order.
 
@@ -301,7 +283,7 @@ def standardized_output(x, mean, inv_std, gamma=None, beta=None, mask=None, norm
         y = deviation * multiplier
         return y if beta is None else y + beta
     params = tuple(p for p in (gamma, beta) if p is not None)
-    affine_dtype = axes_lib.promote_types(normalized_dtype, *(p.dtype for p in params))
+    affine_dtype = dtypes.promote_types(normalized_dtype, *(p.dtype for p in params))
     y = (deviation * inv_std).astype(normalized_dtype).astype(affine_dtype)
     if gamma is not None:
         y = y * gamma.astype(affine_dtype)
@@ -321,7 +303,7 @@ def _nan_if_overflowed(t):
 
 def _forward(spec: _Spec, x, scale, bias, mask, epsilon, renorm):
     """The primal computation; also returns what the tangent rule reuses."""
-    xf = x.astype(axes_lib.stats_dtype(x.dtype))
+    xf = x.astype(dtypes.stats_dtype(x.dtype))
     layout = _layout(spec, xf)
     local = shifted_moments(
         xf,

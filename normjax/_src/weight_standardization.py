@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from normjax._src import arguments
 from normjax._src import axes as axes_lib
 from normjax._src.boundary import named_scope
 from normjax._src.standardize import standardize
@@ -57,12 +58,12 @@ def weight_standardize(
       Representation Learning", ECCV 2020. Brock, De, Smith & Simonyan, "High-Performance Large-Scale Image
       Recognition Without Normalization", ICML 2021.
     """
-    axes_lib.check_inexact(kernel, "kernel")
+    arguments.check_inexact(kernel, "kernel")
     ndim = jnp.ndim(kernel)
     if reduction_axes is None:
         reduction_axes = tuple(range(ndim - 1))
     reduction_axes = axes_lib.canonicalize_axes(reduction_axes, ndim, "reduction_axes")
-    axes_lib.check_several_values(
+    arguments.check_several_values(
         kernel.shape,
         reduction_axes,
         None,
