@@ -24,6 +24,7 @@ import normjax.equinox as nqx
 from normjax import linen as njn
 from normjax import nnx as njx
 from normjax._src import standardize as core
+from normjax._src.spec import NormSpec
 
 DTYPES = [jnp.float32, jnp.bfloat16]
 
@@ -167,7 +168,7 @@ def test_both_layouts_agree_on_per_example_parameters(name):
     epsilon = jnp.asarray(1e-5, jnp.float32)
 
     def run(layout):
-        spec = core._Spec(
+        spec = NormSpec(
             reduction_axes, feature_axes, centered, None, None, jnp.dtype(jnp.float32), layout, scale_offset=1.0
         )
         f = jax.jit(lambda x, s, b: core._standardize(spec, x, s, b, None, epsilon, None))

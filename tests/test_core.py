@@ -20,6 +20,7 @@ from jax.test_util import check_grads
 
 import normjax
 from normjax._src import standardize as core
+from normjax._src.spec import NormSpec
 
 C = 8
 F32 = dict(rtol=2e-5, atol=2e-5)
@@ -266,7 +267,7 @@ def test_both_layouts_compute_the_same_values_and_gradients(name, masked, offset
     epsilon = jnp.asarray(1e-5, jnp.float32)
 
     def run(layout):
-        spec = core._Spec(reduction_axes, feature_axes, centered, None, None, jnp.dtype(jnp.float32), layout)
+        spec = NormSpec(reduction_axes, feature_axes, centered, None, None, jnp.dtype(jnp.float32), layout)
         f = jax.jit(lambda x, s, b: core._standardize(spec, x, s, b, mask, epsilon, None))
         (y, mean, var, _), pull = jax.vjp(f, x, s, b)
         return (y, mean, var) + pull((g, jnp.zeros_like(mean), jnp.zeros_like(var), jnp.zeros_like(var)))
@@ -281,7 +282,7 @@ def test_xla_cpu_statistics_are_as_accurate_as_the_shifted_sums(offset):
     rng = np.random.default_rng(29)
     x = np.float32(offset) + rng.normal(size=(512, 6)).astype(np.float32)
     x[:, 5] = np.float32(offset + 0.25)  # a constant feature: exactly zero variance
-    spec = core._Spec((0,), (1,), True, None, None, jnp.dtype(jnp.float32), "xla_cpu")
+    spec = NormSpec((0,), (1,), True, None, None, jnp.dtype(jnp.float32), "xla_cpu")
     epsilon = jnp.asarray(1e-5, jnp.float32)
     _, mean, var, _ = jax.jit(lambda x: core._standardize(spec, x, None, None, None, epsilon, None))(x)
     x64 = x.astype(np.float64)

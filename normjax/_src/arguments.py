@@ -528,6 +528,9 @@ def check_batch_norm_values(
 
 
 ONE_VALUE_FIX = {
+    "weight_standardize": (
+        "Pass the filter's input axes as `reduction_axes` (default: every axis but the last, the output features)."
+    ),
     "layer_norm": "`reduction_axes=()` reduces nothing: pass the axes to normalize over, e.g. `reduction_axes=-1`.",
     "rms_norm": "`reduction_axes=()` reduces nothing: pass the axes to normalize over, e.g. `reduction_axes=-1`.",
     "group_norm": (
@@ -568,3 +571,35 @@ def check_ghost_batch_options(virtual_batch_size: int | None, axis_name: AxisNam
         raise ValueError(
             "`renorm_clipping` and `virtual_batch_size` cannot be combined; choose one (pass None for the other)."
         )
+
+
+def check_input_features(shape: tuple[int, ...], name: str, given: Any, num_features: int, layer: str) -> None:
+    """Raises when an nnx layer's input does not hold `num_features` along its single feature axis `given`.
+
+    Several feature axes are checked against the parameters' shapes, and an axis out of range by the axes' own
+    check, instead.
+    """
+    if not is_int(given) or not -len(shape) <= given < len(shape) or shape[given] == num_features:
+        return
+    got = shape[given]
+    raise ValueError(
+        f"nnx {layer} was built with `num_features`={num_features}, but the input has {got} features "
+        f"along `{name}`={given!r} (input shape {tuple(shape)}). Build the layer with "
+        f"`num_features={got}`, or check `{name}`."
+    )
+
+
+def check_running_stats(mean, var, shape: tuple[int, ...], names: tuple[str, str], fix: str) -> None:
+    """Raises, naming the layer's variables, when the running statistics do not have the feature shape.
+
+    A layer's running statistics come from its own initialization or from a checkpoint; a mismatch means the
+    checkpoint (or the layer's construction) was for another input size, which the core's `state` message
+    would not say.
+    """
+    for name, value in zip(names, (mean, var), strict=True):
+        got = jnp.shape(value)
+        if tuple(got) != tuple(shape):
+            raise ValueError(
+                f"the running statistic `{name}` has shape {tuple(got)}, but this input needs {tuple(shape)} (one "
+                f"value per feature). {fix}"
+            )

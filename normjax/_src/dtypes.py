@@ -105,3 +105,24 @@ def check_normalized_dtype(normalized_dtype, x_dtype) -> None:
         raise TypeError(
             f"`normalized_dtype` must be a {kind} dtype for an input of dtype {x_dtype}, got {dtype}. {fix}"
         )
+
+
+def promoted_dtype(*arrays: ArrayLike | None, dtype: DTypeLike | None = None) -> np.dtype:
+    """Flax's output dtype for a normalization layer: ``dtype`` if given, else the promoted dtype of ``arrays``.
+
+    This is ``flax.linen.dtypes.canonicalize_dtype``: ``None`` entries are ignored and a non-inexact result is
+    promoted to floating point, so a bfloat16 input with float32 parameters gives a float32 output. An input
+    narrower than 16 bits (``float8_e4m3fn``, ``float8_e5m2``), which Flax cannot promote, counts as float32:
+    its output is float32 unless ``dtype`` says otherwise. :func:`layer_output_dtype` checks ``dtype``.
+    """
+    if dtype is not None:
+        return jnp.dtype(dtype)
+    given = [jnp.result_type(a) for a in arrays if a is not None]
+    promoted = jnp.result_type(*(jnp.float32 if is_narrow_float(d) else d for d in given))
+    return promoted if jnp.issubdtype(promoted, jnp.inexact) else jnp.promote_types(jnp.float32, promoted)
+
+
+def layer_output_dtype(*arrays: ArrayLike | None, dtype: DTypeLike | None = None) -> np.dtype:
+    """:func:`promoted_dtype`, with ``dtype`` (the layer's) checked: a floating-point or complex dtype, or None."""
+    check_float_dtype(dtype, "dtype", "the layer's output dtype")
+    return promoted_dtype(*arrays, dtype=dtype)

@@ -73,21 +73,28 @@ def normalize(
     arguments.check_affine(bias, x.shape, feature_axes, "bias", what)
     arguments.check_scale_offset(scale_offset, scale)
     arguments.check_mask(mask, x.shape)
-    # -- argument checks --
     arguments.check_moment_array(mean, "mean", x.shape)
     arguments.check_moment_array(var, "var", x.shape, real=True)
     dtypes.check_float_dtype(dtype)
     dtypes.check_normalized_dtype(normalized_dtype, x.dtype)
-    # -- end of argument checks --
     out_dtype = dtypes.output_dtype(x, dtype)
     dtypes.check_real_output(out_dtype, mean=mean, scale=scale, bias=bias)
 
+    if normalized_dtype is not None:
+        normalized_dtype = jax.dtypes.canonicalize_dtype(normalized_dtype)
+    return normalized(
+        x, mean, var, scale, bias, epsilon=epsilon, feature_axes=feature_axes, out_dtype=out_dtype,
+        normalized_dtype=normalized_dtype, scale_offset=scale_offset, mask=mask,
+    )  # fmt: skip
+
+
+def normalized(x, mean, var, scale, bias, *, epsilon, feature_axes, out_dtype, normalized_dtype, scale_offset, mask):
+    """:func:`normalize`'s output for checked, canonical arguments (also BatchNorm's evaluation)."""
+    ndim = jnp.ndim(x)
     compute_dtype = dtypes.stats_dtype(dtypes.promote_types(x.dtype, jnp.result_type(mean)))
     inv_std = jax.lax.rsqrt(jnp.asarray(var, jnp.finfo(compute_dtype).dtype) + epsilon)
     gamma = offset_scale(as_affine(scale, ndim, feature_axes), scale_offset, inv_std.dtype)
     beta = as_affine(bias, ndim, feature_axes)
     mask = None if mask is None else jnp.broadcast_to(mask, x.shape)
-    if normalized_dtype is not None:
-        normalized_dtype = jax.dtypes.canonicalize_dtype(normalized_dtype)
     y = standardized_output(x.astype(compute_dtype), mean, inv_std, gamma, beta, mask, normalized_dtype)
     return y.astype(out_dtype)

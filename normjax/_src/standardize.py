@@ -40,8 +40,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from normjax._src import arguments, device_axes, dtypes
-from normjax._src import axes as axes_lib
+from normjax._src import dtypes
 from normjax._src import layout as layout_lib
 from normjax._src.moments import (
     Moments,
@@ -51,7 +50,7 @@ from normjax._src.moments import (
     shifted_moments,
     without_unit_axes,
 )
-from normjax._src.typing import Axes, AxisName
+from normjax._src.spec import NormSpec, grouped_shape
 
 
 class Renorm(NamedTuple):
@@ -61,20 +60,6 @@ class Renorm(NamedTuple):
     running_var: jax.Array
     r_max: jax.Array
     d_max: jax.Array
-
-
-class _Spec(NamedTuple):
-    """The static (hashable) part of a call."""
-
-    reduction_axes: tuple[int, ...]
-    feature_axes: tuple[int, ...]
-    centered: bool
-    axis_name: object
-    axis_index_groups: object
-    out_dtype: object
-    layout: str
-    normalized_dtype: object = None
-    scale_offset: float = 0.0
 
 
 def as_feature(param: jax.Array, ndim: int, feature_axes: tuple[int, ...]) -> jax.Array:
@@ -107,72 +92,54 @@ def zero_masked(y: jax.Array, mask: jax.Array | None) -> jax.Array:
     return y if mask is None else jnp.where(mask, y, jnp.zeros((), y.dtype))
 
 
+def per_group(param: jax.Array | None, ndim: int, channel_axis: int, groups: int) -> jax.Array | None:
+    """GroupNorm's scale or bias on the grouped view, the channel axis split into ``(groups, channels per group)``.
+
+    Per channel ``(C,)`` becomes ``(groups, C // groups)``; per example (of the input's rank ``ndim``) the channel
+    axis is split in place, or becomes two unit axes where it is broadcast.
+    """
+    if param is None:
+        return None
+    shape = jnp.shape(param)
+    if len(shape) != ndim:
+        return jnp.reshape(param, (groups, shape[0] // groups))
+    channels = shape[channel_axis]
+    split = (groups, channels // groups) if channels != 1 else (1, 1)
+    return jnp.reshape(param, shape[:channel_axis] + split + shape[channel_axis + 1 :])
+
+
 def standardize(
     x: jax.Array,
     scale: jax.Array | None,
     bias: jax.Array | None,
+    spec: NormSpec,
     *,
-    reduction_axes: Axes,
-    feature_axes: Axes,
     epsilon,
     mask: jax.Array | None = None,
-    centered: bool = True,
-    axis_name: AxisName = None,
-    axis_index_groups=None,
-    dtype=None,
-    normalized_dtype=None,
     renorm: Renorm | None = None,
-    scale_offset: float = 0.0,
-    zero_masked_outputs: bool = False,
 ) -> tuple[jax.Array, Moments]:
-    """``(y, moments)``: ``x`` standardized over ``reduction_axes`` with the affine along ``feature_axes``.
+    """``(y, moments)``: ``x`` standardized as ``spec`` says, with arguments :func:`~normjax._src.spec.norm_spec`
+    checked (nothing is checked here).
 
-    Validates its arguments like the public functions (which call it); ``moments`` are keepdims. ``scale`` and
-    ``bias`` are per feature or per example (see :func:`as_affine`); ``scale_offset`` is added to ``scale`` (in
-    the statistics dtype, before the casting order applies). With ``renorm``, Batch Renormalization's ``r`` and
-    ``d`` (constants in the derivative) fold into the affine. ``dtype`` is the output dtype
-    (:func:`normjax._src.dtypes.output_dtype` by default) and ``normalized_dtype`` the casting order
-    (:func:`standardized_output`). With ``zero_masked_outputs`` the output is 0 where ``mask`` is False.
+    ``moments`` are keepdims (of GroupNorm's grouped view for a ``spec.grouping``). ``scale`` and ``bias`` are
+    per feature or per example (see :func:`as_affine`); ``spec.scale_offset`` is added to ``scale`` (in the
+    statistics dtype, before the casting order applies). With ``renorm``, Batch Renormalization's ``r`` and ``d``
+    (constants in the derivative) fold into the affine. With ``spec.zero_masked_outputs`` the output is 0 where
+    ``mask`` is False.
     """
-    arguments.check_inexact(x)
-    arguments.check_epsilon(epsilon, x.dtype)
-    arguments.check_static_bool(centered, "centered")
-    dtypes.check_float_dtype(dtype)
-    dtypes.check_normalized_dtype(normalized_dtype, x.dtype)
-    ndim = jnp.ndim(x)
-    reduction_axes = axes_lib.canonicalize_axes(reduction_axes, ndim, "reduction_axes")
-    feature_axes = axes_lib.canonicalize_axes(feature_axes, ndim, "feature_axes")
-    what = f"the size of x's feature axes {feature_axes}"
-    arguments.check_affine(scale, x.shape, feature_axes, "scale", what)
-    arguments.check_affine(bias, x.shape, feature_axes, "bias", what)
-    arguments.check_scale_offset(scale_offset, scale)
-    arguments.check_static_bool(zero_masked_outputs, "zero_masked_outputs")
-    arguments.check_mask(mask, jnp.shape(x))
-    device_axes.check_axis_name(axis_name, axis_index_groups)
-    groups = None if axis_index_groups is None else tuple(tuple(int(i) for i in g) for g in axis_index_groups)
-    names = axis_name if axis_name is None or isinstance(axis_name, str) else tuple(axis_name)
-    out_dtype = dtypes.output_dtype(x, dtype)
-    dtypes.check_real_output(out_dtype, scale=scale, bias=bias)
-    if normalized_dtype is not None:
-        normalized_dtype = jax.dtypes.canonicalize_dtype(normalized_dtype)
-    spec = _Spec(
-        reduction_axes,
-        feature_axes,
-        bool(centered),
-        names,
-        groups,
-        out_dtype,
-        "generic",
-        normalized_dtype,
-        float(scale_offset),
-    )
+    shape = jnp.shape(x)
     if mask is not None:
-        mask = jnp.broadcast_to(mask, x.shape)
+        mask = jnp.broadcast_to(mask, shape)
+    if spec.grouping is not None:
+        channel, groups = spec.grouping
+        grouped = grouped_shape(shape, spec.grouping)
+        x, mask = (None if a is None else jnp.reshape(a, grouped) for a in (x, mask))
+        scale, bias = (per_group(p, len(shape), channel, groups) for p in (scale, bias))
     epsilon = jnp.asarray(epsilon, jnp.finfo(dtypes.stats_dtype(x.dtype)).dtype)
     operands = (x, scale, bias, mask, epsilon, renorm)
     if jnp.iscomplexobj(x) or any(p is not None and jnp.iscomplexobj(p) for p in (scale, bias)):
         y, mean, var, count = _forward(spec, *operands)[:4]  # not holomorphic: JAX differentiates the forward
-    elif _explicitly_sharded(x) or (names is not None and not on_device_axes(names, x)):
+    elif _explicitly_sharded(x) or (spec.axis_name is not None and not on_device_axes(spec.axis_name, x)):
         # Under vmap or pmap axes, no platform_dependent: its branches lose vmap's named axes when JAX traces
         # the rule again inside lax.scan (see moments._merge_with_psums).
         y, mean, var, count = _standardize(spec, *operands)
@@ -182,9 +149,9 @@ def standardize(
             cpu=functools.partial(_standardize, spec._replace(layout="xla_cpu")),
             default=functools.partial(_standardize, spec),
         )
-    if zero_masked_outputs:
+    if spec.zero_masked_outputs:
         y = zero_masked(y, mask)
-    return y, Moments(mean, var, count)
+    return jnp.reshape(y, shape), Moments(mean, var, count)
 
 
 def _explicitly_sharded(x: jax.Array) -> bool:
@@ -193,7 +160,7 @@ def _explicitly_sharded(x: jax.Array) -> bool:
     return spec is not None and any(entry is not None for entry in spec)
 
 
-def _varying_fn(spec: _Spec, like):
+def _varying_fn(spec: NormSpec, like):
     """Marks small arrays device-varying over the axes ``like`` varies over, at their squeezed size.
 
     Why: under ``shard_map`` (and ``pmap``) a device-invariant value, such as a statistic after its collective,
@@ -219,11 +186,11 @@ def _identity(a):
     return a
 
 
-def _layout(spec: _Spec, xf) -> layout_lib.Generic:
+def _layout(spec: NormSpec, xf) -> layout_lib.Generic:
     return layout_lib.LAYOUTS[spec.layout](xf.shape, spec.reduction_axes, _varying_fn(spec, xf))
 
 
-def _renorm_factors(spec: _Spec, ndim, moments: Moments, epsilon, renorm):
+def _renorm_factors(spec: NormSpec, ndim, moments: Moments, epsilon, renorm):
     """Batch Renormalization's ``(r, d)``, broadcastable: ``(x̂ r + d) γ + β``; ``(None, None)`` without it."""
     if renorm is None:
         return None, None
@@ -301,7 +268,7 @@ def _nan_if_overflowed(t):
     return jax.lax.rem(t, jnp.asarray(jnp.finfo(t.dtype).max, t.dtype))
 
 
-def _forward(spec: _Spec, x, scale, bias, mask, epsilon, renorm):
+def _forward(spec: NormSpec, x, scale, bias, mask, epsilon, renorm):
     """The primal computation; also returns what the tangent rule reuses."""
     xf = x.astype(dtypes.stats_dtype(x.dtype))
     layout = _layout(spec, xf)
@@ -329,12 +296,12 @@ def _forward(spec: _Spec, x, scale, bias, mask, epsilon, renorm):
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _standardize(spec: _Spec, x, scale, bias, mask, epsilon, renorm):
+def _standardize(spec: NormSpec, x, scale, bias, mask, epsilon, renorm):
     return _forward(spec, x, scale, bias, mask, epsilon, renorm)[:4]
 
 
 @_standardize.defjvp
-def _standardize_jvp(spec: _Spec, primals, tangents):
+def _standardize_jvp(spec: NormSpec, primals, tangents):
     x, scale, bias, mask, epsilon, renorm = primals
     dx, dscale, dbias, _, depsilon, _ = tangents
     y, mean, var, count, (xf, hi, lo, inv_std, gamma, r, d) = _forward(spec, *primals)
