@@ -24,6 +24,7 @@ import normjax.equinox as nqx
 from normjax import linen as njn
 from normjax import nnx as njx
 from normjax._src import standardize as core
+from normjax._src.spec import NormSpec
 
 DTYPES = [jnp.float32, jnp.bfloat16]
 
@@ -167,9 +168,9 @@ def test_every_layout_agrees_with_the_generic_one_on_per_example_parameters(name
     g = jnp.asarray(np.random.default_rng(12).normal(size=shape), jnp.float32)
     epsilon = jnp.asarray(1e-5, jnp.float32)
 
-    def run(name):
-        spec = core._Spec(
-            reduction_axes, feature_axes, centered, None, None, jnp.dtype(jnp.float32), name, scale_offset=1.0
+    def run(layout):
+        spec = NormSpec(
+            reduction_axes, feature_axes, centered, None, None, jnp.dtype(jnp.float32), layout, scale_offset=1.0
         )
         f = jax.jit(lambda x, s, b: core._standardize(spec, x, s, b, None, epsilon, None))
         (y, mean, var, _), pull = jax.vjp(f, x, s, b)

@@ -21,6 +21,7 @@ from jax.test_util import check_grads
 import normjax
 from normjax._src import layout as layout_lib
 from normjax._src import standardize as core
+from normjax._src.spec import NormSpec
 
 C = 8
 F32 = dict(rtol=2e-5, atol=2e-5)
@@ -270,8 +271,8 @@ def test_every_layout_computes_the_generic_values_and_gradients(name, layout, ma
     mask = jnp.asarray(rng.uniform(size=shape) > 0.3) if masked else None
     epsilon = jnp.asarray(1e-5, jnp.float32)
 
-    def run(name):
-        spec = core._Spec(reduction_axes, feature_axes, centered, None, None, jnp.dtype(jnp.float32), name)
+    def run(layout):
+        spec = NormSpec(reduction_axes, feature_axes, centered, None, None, jnp.dtype(jnp.float32), layout)
         f = jax.jit(lambda x, s, b: core._standardize(spec, x, s, b, mask, epsilon, None))
         (y, mean, var, _), pull = jax.vjp(f, x, s, b)
         return (y, mean, var) + pull((g, jnp.zeros_like(mean), jnp.zeros_like(var), jnp.zeros_like(var)))
@@ -289,7 +290,7 @@ def test_xla_cpu_statistics_are_as_accurate_as_the_shifted_sums(offset):
     rng = np.random.default_rng(29)
     x = np.float32(offset) + rng.normal(size=(512, 6)).astype(np.float32)
     x[:, 5] = np.float32(offset + 0.25)  # a constant feature: exactly zero variance
-    spec = core._Spec((0,), (1,), True, None, None, jnp.dtype(jnp.float32), "xla_cpu")
+    spec = NormSpec((0,), (1,), True, None, None, jnp.dtype(jnp.float32), "xla_cpu")
     epsilon = jnp.asarray(1e-5, jnp.float32)
     _, mean, var, _ = jax.jit(lambda x: core._standardize(spec, x, None, None, None, epsilon, None))(x)
     x64 = x.astype(np.float64)
@@ -304,7 +305,7 @@ def test_xla_cpu_statistics_under_vmap_choose_once_for_the_whole_batch():
     rng = np.random.default_rng(31)
     x = rng.normal(size=(3, 256, 4)).astype(np.float32)
     x[1] += np.float32(1e4)  # one ill-conditioned member
-    spec = core._Spec((0,), (1,), True, None, None, jnp.dtype(jnp.float32), "xla_cpu")
+    spec = NormSpec((0,), (1,), True, None, None, jnp.dtype(jnp.float32), "xla_cpu")
     epsilon = jnp.asarray(1e-5, jnp.float32)
     statistics = jax.vmap(lambda x: core._standardize(spec, x, None, None, None, epsilon, None)[1:3])
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from normjax._src import arguments
 from normjax._src import axes as axes_lib
 from normjax._src.boundary import named_scope
-from normjax._src.normalize import normalize
+from normjax._src.normalize import normalized
+from normjax._src.spec import NormSpec, grouped_shape, norm_spec
 from normjax._src.standardize import Renorm, as_feature, standardize, zero_masked
 from normjax._src.state import BatchNormState, ema_update
 from normjax._src.typing import ArrayLike, Axes, AxisIndexGroups, AxisName, DTypeLike
@@ -121,72 +123,86 @@ def batch_norm(
       Covariate Shift", ICML 2015. Ioffe, "Batch Renormalization", NeurIPS 2017. Hoffer, Hubara & Soudry,
       "Train longer, generalize better", NeurIPS 2017.
     """
-    axes_lib.check_inexact(x)
-    axes_lib.check_static_bool(training, "training")
-    # -- argument checks (axes.py) --
-    axes_lib.check_static_bool(unbiased_running_var, "unbiased_running_var")
-    axes_lib.check_static_bool(skip_nonfinite, "skip_nonfinite")
-    axes_lib.check_static_bool(allow_single_value, "allow_single_value")
-    if training:  # evaluation does not synchronize, so it needs no bound axis
-        axes_lib.check_ghost_batch_options(virtual_batch_size, axis_name, renorm_clipping)
-        axes_lib.check_axis_name(axis_name, axis_index_groups)
-    axes_lib.check_real_output(axes_lib.output_dtype(x, dtype), scale=scale, bias=bias)
-    # -- end of argument checks --
-    axes_lib.check_momentum(momentum)
-    axes_lib.check_epsilon(epsilon, x.dtype)
-    ndim = jnp.ndim(x)
-    feature_axes = axes_lib.canonicalize_axes(axis, ndim, "axis")
-    feature_shape = tuple(x.shape[a] for a in feature_axes)
-    what = f"one value per feature along axis {feature_axes}"
-    axes_lib.check_affine(scale, x.shape, feature_axes, "scale", what)
-    axes_lib.check_affine(bias, x.shape, feature_axes, "bias", what)
-    axes_lib.check_scale_offset(scale_offset, scale)
-    axes_lib.check_static_bool(zero_masked_outputs, "zero_masked_outputs")
-    axes_lib.check_state(state, feature_shape, x.dtype, what)
-    axes_lib.check_mask(mask, jnp.shape(x))
-    axes_lib.check_renorm_clipping(renorm_clipping)
-    axes_lib.check_renorm_warmup(renorm_warmup_steps, renorm_clipping, getattr(state, "count", None))
-    casting = dict(dtype=dtype, normalized_dtype=normalized_dtype)
+    options = dict(locals())  # every argument of this call, by name
+    spec = batch_norm_spec(**options)
+    return run_batch_norm(spec, **options)
 
+
+def batch_norm_spec(
+    x, state, scale, bias, *, training, momentum, epsilon, axis, axis_name, axis_index_groups, mask,
+    unbiased_running_var, skip_nonfinite, allow_single_value, virtual_batch_size, renorm_clipping,
+    renorm_warmup_steps, dtype, normalized_dtype, scale_offset, zero_masked_outputs, flax_layer=None,
+    initializing=False, num_features=None, state_names=None, state_fix="",
+) -> NormSpec:  # fmt: skip
+    """Checks every argument of one BatchNorm call once: BatchNorm's own here, the core's by :func:`norm_spec`.
+
+    ``flax_layer``, ``initializing`` and ``num_features`` are :func:`norm_spec`'s (a Flax layer's call), whose
+    running statistics are named ``state_names`` in a shape mismatch, with the fix ``state_fix``.
+    """
+    arguments.check_static_bool(training, "training")
+    arguments.check_static_bool(unbiased_running_var, "unbiased_running_var")
+    arguments.check_static_bool(skip_nonfinite, "skip_nonfinite")
+    arguments.check_static_bool(allow_single_value, "allow_single_value")
+    if training:
+        arguments.check_ghost_batch_options(virtual_batch_size, axis_name, renorm_clipping)
+    arguments.check_momentum(momentum)
+    spec = norm_spec(
+        "batch_norm", x, scale, bias, epsilon=epsilon, axis=axis, mask=mask, axis_name=axis_name,
+        axis_index_groups=axis_index_groups, dtype=dtype, normalized_dtype=normalized_dtype,
+        scale_offset=scale_offset, zero_masked_outputs=zero_masked_outputs,
+        allow_single_value=allow_single_value or virtual_batch_size is not None, training=training,
+        flax_layer=flax_layer, initializing=initializing, num_features=num_features,
+    )  # fmt: skip
+    what = f"one value per feature along axis {spec.feature_axes}"
+    if state_names is not None:
+        arguments.check_running_stats(state.mean, state.var, spec.param_shape, state_names, state_fix)
+    arguments.check_state(state, spec.param_shape, jnp.result_type(x), what)
+    arguments.check_renorm_clipping(renorm_clipping)
+    arguments.check_renorm_warmup(renorm_warmup_steps, renorm_clipping, getattr(state, "count", None))
+    if training and virtual_batch_size is not None:
+        if 0 in spec.feature_axes:
+            raise ValueError(
+                f"`virtual_batch_size` splits axis 0 (the batch axis), but `axis`={spec.feature_axes} makes it a "
+                "feature axis. Put the batch first."
+            )
+        batch = jnp.shape(x)[0]
+        arguments.check_virtual_batch_size(virtual_batch_size, batch)
+        ghost_shape = grouped_shape(jnp.shape(x), (0, batch // virtual_batch_size))
+        reduction_axes = _ghost_spec(spec).reduction_axes
+        arguments.check_batch_norm_values(ghost_shape, reduction_axes, mask, None, None, allow_single_value)
+    return spec
+
+
+def run_batch_norm(
+    spec: NormSpec, x, state, scale, bias, *, training, momentum, epsilon, mask, unbiased_running_var,
+    skip_nonfinite, virtual_batch_size, renorm_clipping, renorm_warmup_steps, **checked,
+) -> tuple[jax.Array, BatchNormState]:  # fmt: skip
+    """BatchNorm's output and new state for arguments :func:`batch_norm_spec` checked (``checked``: the others,
+    which ``spec`` holds)."""
+    ndim = jnp.ndim(x)
     if not training:
-        mean = as_feature(state.mean, ndim, feature_axes)
-        var = as_feature(state.var, ndim, feature_axes)
-        y = normalize(
-            x, mean, var, scale, bias, epsilon=epsilon, feature_axes=feature_axes, scale_offset=scale_offset, mask=mask,
-            **casting,
+        mean = as_feature(state.mean, ndim, spec.feature_axes)
+        var = as_feature(state.var, ndim, spec.feature_axes)
+        y = normalized(
+            x, mean, var, scale, bias, epsilon=epsilon, feature_axes=spec.feature_axes, out_dtype=spec.out_dtype,
+            normalized_dtype=spec.normalized_dtype, scale_offset=spec.scale_offset, mask=mask,
         )  # fmt: skip
-        if zero_masked_outputs and mask is not None:
+        if spec.zero_masked_outputs and mask is not None:
             y = zero_masked(y, jnp.broadcast_to(mask, x.shape))
         return y, state
-
+    update = dict(momentum=momentum, epsilon=epsilon, skip_nonfinite=skip_nonfinite)
     if virtual_batch_size is not None:
         return _ghost_batch_norm(
-            x, state, scale, bias, feature_axes=feature_axes, momentum=momentum, epsilon=epsilon,
-            axis_name=axis_name, mask=mask, unbiased_running_var=unbiased_running_var,
-            skip_nonfinite=skip_nonfinite, allow_single_value=allow_single_value,
-            virtual_batch_size=virtual_batch_size, renorm_clipping=renorm_clipping, scale_offset=scale_offset,
-            zero_masked_outputs=zero_masked_outputs, **casting,
+            spec, x, state, scale, bias, mask=mask, unbiased_running_var=unbiased_running_var,
+            virtual_batch_size=int(virtual_batch_size), **update,
         )  # fmt: skip
-
-    reduction_axes = axes_lib.complement(feature_axes, ndim)
-    axes_lib.check_batch_norm_values(x.shape, reduction_axes, mask, axis_name, axis_index_groups, allow_single_value)
-    y, stats = standardize(
-        x, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes, epsilon=epsilon, mask=mask,
-        axis_name=axis_name, axis_index_groups=axis_index_groups,
-        renorm=_renorm(state, renorm_clipping, renorm_warmup_steps), scale_offset=scale_offset,
-        zero_masked_outputs=zero_masked_outputs, **casting,
-    )  # fmt: skip
-    squeeze = lambda a: jnp.reshape(a, feature_shape)  # noqa: E731
+    renorm = _renorm(state, renorm_clipping, renorm_warmup_steps)
+    y, stats = standardize(x, scale, bias, spec, epsilon=epsilon, mask=mask, renorm=renorm)
+    squeeze = lambda a: jnp.reshape(a, spec.param_shape)  # noqa: E731
     new_state = _update_state(
-        state,
-        squeeze(stats.mean),
-        squeeze(stats.var),
-        squeeze(stats.count),
-        momentum=momentum,
-        epsilon=epsilon,
-        unbiased_running_var=unbiased_running_var,
-        skip_nonfinite=skip_nonfinite,
-    )
+        state, squeeze(stats.mean), squeeze(stats.var), squeeze(stats.count), unbiased_running_var=unbiased_running_var,
+        **update,
+    )  # fmt: skip
     return y, new_state
 
 
@@ -218,31 +234,23 @@ def _update_state(state, mean, var, count, *, momentum, epsilon, unbiased_runnin
     return ema_update(state, mean, var, keep, momentum=momentum, epsilon=epsilon)
 
 
+def _ghost_spec(spec: NormSpec) -> NormSpec:
+    """Ghost BatchNorm's spec: axis 0 split into (virtual batches, examples), statistics per virtual batch."""
+    features = tuple(a + 1 for a in spec.feature_axes)
+    reduction = axes_lib.complement((0,) + features, len(spec.reduction_axes) + len(features) + 1)
+    return spec._replace(reduction_axes=reduction, feature_axes=features, axis_name=None, axis_index_groups=None)
+
+
 def _ghost_batch_norm(
-    x, state, scale, bias, *, feature_axes, momentum, epsilon, axis_name, mask, unbiased_running_var,
-    skip_nonfinite, allow_single_value, virtual_batch_size, renorm_clipping, dtype, normalized_dtype, scale_offset,
-    zero_masked_outputs,
-):  # fmt: skip
-    if 0 in feature_axes:
-        raise ValueError(
-            f"`virtual_batch_size` splits axis 0 (the batch axis), but `axis`={feature_axes} makes it a feature "
-            "axis. Put the batch first."
-        )
-    batch = x.shape[0]
-    axes_lib.check_virtual_batch_size(virtual_batch_size, batch)
-    virtual_batch_size = int(virtual_batch_size)
-    ghosts = batch // virtual_batch_size
+    spec, x, state, scale, bias, *, momentum, epsilon, mask, unbiased_running_var, skip_nonfinite, virtual_batch_size
+):
+    ghosts = x.shape[0] // virtual_batch_size
     grouped_shape = (ghosts, virtual_batch_size) + x.shape[1:]
     xg = jnp.reshape(x, grouped_shape)
     mask_g = None if mask is None else jnp.reshape(jnp.broadcast_to(mask, x.shape), grouped_shape)
-    # Axis 0 now indexes virtual batches; statistics are per virtual batch and feature.
-    grouped_features = tuple(a + 1 for a in feature_axes)
-    reduction_axes = axes_lib.complement((0,) + grouped_features, xg.ndim)
-    axes_lib.check_batch_norm_values(xg.shape, reduction_axes, mask_g, None, None, allow_single_value)
     y, stats = standardize(
-        xg, _ghost_param(scale, grouped_shape), _ghost_param(bias, grouped_shape), reduction_axes=reduction_axes,
-        feature_axes=grouped_features, epsilon=epsilon, mask=mask_g, dtype=dtype, normalized_dtype=normalized_dtype,
-        scale_offset=scale_offset, zero_masked_outputs=zero_masked_outputs,
+        xg, _ghost_param(scale, grouped_shape), _ghost_param(bias, grouped_shape),
+        _ghost_spec(spec), epsilon=epsilon, mask=mask_g,
     )  # fmt: skip
 
     # The running statistics see the count-weighted average of the virtual batches' statistics.

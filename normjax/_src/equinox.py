@@ -16,7 +16,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from normjax._src import axes as axes_lib
+from normjax._src import arguments
 from normjax._src.batch_norm import batch_norm
 from normjax._src.example_norms import gated_rms_norm, group_norm, instance_norm, layer_norm, rms_norm
 from normjax._src.optional_dependencies import import_optional
@@ -55,8 +55,8 @@ def _affine(layer: eqx.Module, weight, bias, flag: str) -> tuple[jax.Array | Non
     """The ``(weight, bias)`` a call uses: the layer's own, or those given at call time (conditional norms)."""
     name = type(layer).__name__
     return (
-        axes_lib.call_time_param(layer.weight, weight, "weight", name, flag.format("weight")),
-        axes_lib.call_time_param(layer.bias, bias, "bias", name, flag.format("bias")),
+        arguments.call_time_param(layer.weight, weight, "weight", name, flag.format("weight")),
+        arguments.call_time_param(layer.bias, bias, "bias", name, flag.format("bias")),
     )
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
-from normjax._src import axes as axes_lib
+from normjax._src import dtypes
 from normjax._src.boundary import named_scope, renamed_keywords
+from normjax._src.spec import NormSpec, norm_spec
 from normjax._src.standardize import standardize
 from normjax._src.typing import ArrayLike, Axes, AxisIndexGroups, AxisName, DTypeLike
 
@@ -70,24 +69,7 @@ def layer_norm(
     References:
       Ba, Kiros & Hinton, "Layer Normalization", arXiv:1607.06450, 2016.
     """
-    axes_lib.check_inexact(x)
-    reduction_axes = axes_lib.canonicalize_axes(reduction_axes, jnp.ndim(x), "reduction_axes")
-    axes_lib.check_norm_values("layer_norm", x.shape, reduction_axes, axis_name, axis_index_groups)
-    return standardize(
-        x,
-        scale,
-        bias,
-        reduction_axes=reduction_axes,
-        feature_axes=reduction_axes if feature_axes is None else feature_axes,
-        epsilon=epsilon,
-        mask=mask,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        dtype=dtype,
-        normalized_dtype=normalized_dtype,
-        scale_offset=scale_offset,
-        zero_masked_outputs=zero_masked_outputs,
-    )[0]
+    return _per_example("layer_norm", **locals())  # every argument of this call, by name
 
 
 @renamed_keywords(axis="reduction_axes")
@@ -146,25 +128,7 @@ def rms_norm(
     References:
       Zhang & Sennrich, "Root Mean Square Layer Normalization", NeurIPS 2019.
     """
-    axes_lib.check_inexact(x)
-    reduction_axes = axes_lib.canonicalize_axes(reduction_axes, jnp.ndim(x), "reduction_axes")
-    axes_lib.check_norm_values("rms_norm", x.shape, reduction_axes, axis_name, axis_index_groups)
-    return standardize(
-        x,
-        scale,
-        bias,
-        reduction_axes=reduction_axes,
-        feature_axes=reduction_axes if feature_axes is None else feature_axes,
-        epsilon=epsilon,
-        mask=mask,
-        centered=False,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        dtype=dtype,
-        normalized_dtype=normalized_dtype,
-        scale_offset=scale_offset,
-        zero_masked_outputs=zero_masked_outputs,
-    )[0]
+    return _per_example("rms_norm", **locals())  # every argument of this call, by name
 
 
 @renamed_keywords(axis="reduction_axes")
@@ -234,33 +198,7 @@ def gated_rms_norm(
       Dao & Gu, "Transformers are SSMs: Generalized Models and Efficient Algorithms Through Structured State
       Space Duality" (Mamba-2), ICML 2024. Zhang & Sennrich, "Root Mean Square Layer Normalization", NeurIPS 2019.
     """
-    axes_lib.check_inexact(x)
-    axes_lib.check_gate(gate, x.shape)
-    axes_lib.check_static_bool(norm_before_gate, "norm_before_gate")
-    reduction_axes = axes_lib.canonicalize_axes(reduction_axes, jnp.ndim(x), "reduction_axes")
-    axes_lib.check_norm_values("rms_norm", x.shape, reduction_axes, axis_name, axis_index_groups)
-    axes_lib.check_float_dtype(dtype)
-    out_dtype = axes_lib.output_dtype(x, dtype)
-    wide = axes_lib.stats_dtype(axes_lib.promote_types(x.dtype, jnp.result_type(gate)))
-    silu = jax.nn.silu(jnp.asarray(gate).astype(wide))
-    normalize = functools.partial(
-        standardize,
-        scale=scale,
-        bias=bias,
-        reduction_axes=reduction_axes,
-        feature_axes=reduction_axes if feature_axes is None else feature_axes,
-        epsilon=epsilon,
-        mask=mask,
-        centered=False,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        normalized_dtype=normalized_dtype,
-        scale_offset=scale_offset,
-        zero_masked_outputs=zero_masked_outputs,
-    )
-    if norm_before_gate:
-        return (normalize(x, dtype=wide)[0] * silu).astype(out_dtype)
-    return normalize(x.astype(wide) * silu, dtype=out_dtype)[0]
+    return _per_example("gated_rms_norm", **locals())  # every argument of this call, by name
 
 
 @renamed_keywords(axis="feature_axes")
@@ -326,68 +264,7 @@ def group_norm(
     References:
       Wu & He, "Group Normalization", ECCV 2018.
     """
-    axes_lib.check_inexact(x)
-    ndim = jnp.ndim(x)
-    channel_axis = axes_lib.canonicalize_channel_axis(feature_axes, ndim, "group_norm", "feature_axes")
-    channels = x.shape[channel_axis]
-    groups = axes_lib.check_groups(channels, num_groups, group_size)
-    grouped_reduction = _grouped_reduction_axes(reduction_axes, ndim, channel_axis)
-    if mask is not None:
-        axes_lib.check_mask(mask, x.shape)
-        mask = jnp.broadcast_to(mask, x.shape)
-    grouped_shape = x.shape[:channel_axis] + (groups, channels // groups) + x.shape[channel_axis + 1 :]
-    regroup = lambda a: None if a is None else jnp.reshape(a, grouped_shape)  # noqa: E731
-    axes_lib.check_norm_values("group_norm", grouped_shape, grouped_reduction, axis_name, axis_index_groups)
-    what = f"one value per channel along axis {channel_axis}"
-    axes_lib.check_affine(scale, x.shape, (channel_axis,), "scale", what)
-    axes_lib.check_affine(bias, x.shape, (channel_axis,), "bias", what)
-    y = standardize(
-        regroup(x),
-        per_group(scale, ndim, channel_axis, groups),
-        per_group(bias, ndim, channel_axis, groups),
-        reduction_axes=grouped_reduction,
-        feature_axes=(channel_axis, channel_axis + 1),
-        epsilon=epsilon,
-        mask=regroup(mask),
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        dtype=dtype,
-        normalized_dtype=normalized_dtype,
-        scale_offset=scale_offset,
-        zero_masked_outputs=zero_masked_outputs,
-    )[0]
-    return jnp.reshape(y, x.shape)
-
-
-def _grouped_reduction_axes(reduction_axes: Axes | None, ndim: int, channel_axis: int) -> tuple[int, ...]:
-    """GroupNorm's ``reduction_axes`` on the grouped view (the channel axis split into ``(groups, channels per
-    group)``): the channel axis becomes the axis of the channels within a group, the axes after it shift by one."""
-    if reduction_axes is None:
-        reduction_axes = tuple(range(1, ndim))
-    axes = axes_lib.canonicalize_axes(reduction_axes, ndim, "reduction_axes")
-    if channel_axis not in axes:
-        raise ValueError(
-            f"`reduction_axes`={reduction_axes!r} of group_norm must include the channel axis {channel_axis} "
-            f"(`feature_axes`): the channels of a group are always reduced together; input rank {ndim}. Pass "
-            f"`reduction_axes={tuple(sorted(axes + (channel_axis,)))}`."
-        )
-    return tuple(a + (a >= channel_axis) for a in axes)
-
-
-def per_group(param: jax.Array | None, ndim: int, channel_axis: int, groups: int) -> jax.Array | None:
-    """GroupNorm's scale or bias on the grouped view, the channel axis split into ``(groups, channels per group)``.
-
-    Per channel ``(C,)`` becomes ``(groups, C // groups)``; per example (of the input's rank ``ndim``) the channel
-    axis is split in place, or becomes two unit axes where it is broadcast.
-    """
-    if param is None:
-        return None
-    shape = jnp.shape(param)
-    if len(shape) != ndim:
-        return jnp.reshape(param, (groups, shape[0] // groups))
-    channels = shape[channel_axis]
-    split = (groups, channels // groups) if channels != 1 else (1, 1)
-    return jnp.reshape(param, shape[:channel_axis] + split + shape[channel_axis + 1 :])
+    return _per_example("group_norm", **locals())  # every argument of this call, by name
 
 
 @renamed_keywords(axis="feature_axes")
@@ -448,35 +325,30 @@ def instance_norm(
       Ulyanov, Vedaldi & Lempitsky, "Instance Normalization: The Missing Ingredient for Fast Stylization",
       arXiv:1607.08022, 2016.
     """
-    axes_lib.check_inexact(x)
-    ndim = jnp.ndim(x)
-    feature_axes, reduction_axes = instance_norm_axes(ndim, feature_axes)
-    axes_lib.check_norm_values("instance_norm", x.shape, reduction_axes, axis_name, axis_index_groups)  # (axes.py)
-    return standardize(
-        x,
-        scale,
-        bias,
-        reduction_axes=reduction_axes,
-        feature_axes=feature_axes,
-        epsilon=epsilon,
-        mask=mask,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        dtype=dtype,
-        normalized_dtype=normalized_dtype,
-        scale_offset=scale_offset,
-        zero_masked_outputs=zero_masked_outputs,
-    )[0]
+    return _per_example("instance_norm", **locals())  # every argument of this call, by name
 
 
-def instance_norm_axes(ndim: int, feature_axes: Axes) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """InstanceNorm's axes, Flax's: ``(feature_axes, reduction_axes)``, reducing every axis but 0 and the
-    features."""
-    features = axes_lib.canonicalize_axes(feature_axes, ndim, "feature_axes")
-    if 0 in features:
-        raise ValueError(
-            "The channel axes cannot include the leading dimension as this is assumed to be the batch axis. "
-            f"`feature_axes`={feature_axes!r} includes axis 0 of the rank-{ndim} input. Put the batch first and "
-            "pass the channel axes (e.g. -1 for NHWC); for a single example add a batch axis with `x[None]`."
-        )
-    return features, axes_lib.complement((0,) + features, ndim)
+def _per_example(
+    norm: str, x, scale=None, bias=None, *, epsilon, mask=None, gate=None, norm_before_gate=True, **options
+):
+    """A per-example norm's call: its arguments checked once (:func:`norm_spec`), then :func:`per_example`."""
+    spec = norm_spec(
+        norm, x, scale, bias, epsilon=epsilon, mask=mask, gate=gate, norm_before_gate=norm_before_gate, **options
+    )
+    return per_example(spec, x, scale, bias, epsilon=epsilon, mask=mask, gate=gate, norm_before_gate=norm_before_gate)
+
+
+def per_example(spec: NormSpec, x, scale, bias, *, epsilon, mask=None, gate=None, norm_before_gate=True) -> jax.Array:
+    """The output of a per-example norm whose arguments :func:`norm_spec` checked (the functions' and the layers').
+
+    With a ``gate`` (gated RMSNorm), the gate, the product and the normalization run in float32 or wider and the
+    output is rounded once, to ``spec.out_dtype``.
+    """
+    if gate is None:
+        return standardize(x, scale, bias, spec, epsilon=epsilon, mask=mask)[0]
+    wide = dtypes.stats_dtype(dtypes.promote_types(x.dtype, jnp.result_type(gate)))
+    silu = jax.nn.silu(jnp.asarray(gate).astype(wide))
+    if norm_before_gate:
+        y = standardize(x, scale, bias, spec._replace(out_dtype=wide), epsilon=epsilon, mask=mask)[0]
+        return (y * silu).astype(spec.out_dtype)
+    return standardize(x.astype(wide) * silu, scale, bias, spec, epsilon=epsilon, mask=mask)[0]

@@ -15,8 +15,9 @@ import jax.numpy as jnp
 from flax.typing import Axes, Dtype, Initializer
 from jax.nn import initializers
 
+from normjax._src import arguments
+from normjax._src import axes as axes_lib
 from normjax._src import flax_conventions as common
-from normjax._src.example_norms import instance_norm_axes
 
 
 class BatchNorm(nn.Module):
@@ -141,7 +142,9 @@ class BatchNorm(nn.Module):
         Returns:
           The normalized input, of ``x``'s shape.
         """
+        common.check_input(x)
         use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        arguments.check_static_bool(use_running_average, "use_running_average")
         shape = common.feature_shape(x.shape, self.axis, "axis")
         stats_dtype = common.RUNNING_STATS_DTYPE
         ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), shape)
@@ -263,12 +266,13 @@ class LayerNorm(nn.Module):
         Returns:
           The normalized input, of ``x``'s shape.
         """
+        common.check_input(x)
         shape = common.feature_shape(x.shape, self.feature_axes, "feature_axes")
         scale, bias = _affine(self, shape, scale, bias)
-        return common.apply_standardize(
-            x, scale, bias, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
-            epsilon=self.epsilon, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-            dtype=self.dtype, initializing=self.is_initializing(), layer="LayerNorm",
+        return common.apply_per_example(
+            "layer_norm", "LayerNorm", x, scale, bias, reduction_axes=self.reduction_axes,
+            feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, dtype=self.dtype, initializing=self.is_initializing(),
             normalized_dtype=self.normalized_dtype,
             scale_offset=self.scale_offset, zero_masked_outputs=self.zero_masked_outputs,
         )  # fmt: skip
@@ -360,13 +364,14 @@ class RMSNorm(nn.Module):
         Returns:
           The normalized input, of ``x``'s shape.
         """
+        common.check_input(x)
         shape = common.feature_shape(x.shape, self.feature_axes, "feature_axes")
         own = self.param("scale", self.scale_init, shape, self.param_dtype) if self.use_scale else None
-        return common.apply_standardize(
-            x, common.call_affine(own, scale, "scale", "RMSNorm"), None, reduction_axes=self.reduction_axes,
-            feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, dtype=self.dtype, initializing=self.is_initializing(),
-            centered=False, layer="RMSNorm", normalized_dtype=self.normalized_dtype, scale_offset=self.scale_offset,
+        return common.apply_per_example(
+            "rms_norm", "RMSNorm", x, common.call_affine(own, scale, "scale", "RMSNorm"), None,
+            reduction_axes=self.reduction_axes, feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask,
+            axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype,
+            initializing=self.is_initializing(), normalized_dtype=self.normalized_dtype, scale_offset=self.scale_offset,
             zero_masked_outputs=self.zero_masked_outputs, gate=gate, norm_before_gate=self.norm_before_gate,
         )  # fmt: skip
 
@@ -459,9 +464,10 @@ class GroupNorm(nn.Module):
         Returns:
           The normalized input, of ``x``'s shape.
         """
+        common.check_input(x)
         scale, bias = _affine(self, x.shape[-1:], scale, bias)
-        return common.apply_group_norm(
-            x, scale, bias, num_groups=self.num_groups, group_size=self.group_size,
+        return common.apply_per_example(
+            "group_norm", "GroupNorm", x, scale, bias, num_groups=self.num_groups, group_size=self.group_size,
             reduction_axes=self.reduction_axes, epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups, dtype=self.dtype, initializing=self.is_initializing(),
             normalized_dtype=self.normalized_dtype,
@@ -554,11 +560,12 @@ class InstanceNorm(nn.Module):
         Returns:
           The normalized input, of ``x``'s shape.
         """
-        feature_axes, reduction_axes = instance_norm_axes(x.ndim, self.feature_axes)
+        common.check_input(x)
+        feature_axes, _ = axes_lib.instance_norm_axes(x.ndim, self.feature_axes)
         scale, bias = _affine(self, tuple(x.shape[a] for a in feature_axes), scale, bias)
-        return common.apply_standardize(
-            x, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes, epsilon=self.epsilon,
+        return common.apply_per_example(
+            "instance_norm", "InstanceNorm", x, scale, bias, feature_axes=self.feature_axes, epsilon=self.epsilon,
             mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype,
-            initializing=self.is_initializing(), layer="InstanceNorm", normalized_dtype=self.normalized_dtype,
+            initializing=self.is_initializing(), normalized_dtype=self.normalized_dtype,
             scale_offset=self.scale_offset, zero_masked_outputs=self.zero_masked_outputs,
         )  # fmt: skip

@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from normjax._src import arguments, device_axes, dtypes
 from normjax._src import axes as axes_lib
 from normjax._src.boundary import named_scope, renamed_keywords
 from normjax._src.typing import ArrayLike, Axes, AxisIndexGroups, AxisName
@@ -263,7 +264,7 @@ def _gather_by_psum(a: jax.Array, axis_name: AxisName, axis_index_groups: AxisIn
     Why not ``all_gather``: JAX (0.10.2) traces a ``custom_jvp`` rule again, without vmap's named axes, when the
     rule is linearized inside ``lax.scan``; ``all_gather`` and ``axis_size`` fail there, ``psum`` and
     ``axis_index`` do not. So ``size``, the number of devices per group, is given (static, read where the axis is
-    bound: :func:`normjax._src.axes.synchronized_size`).
+    bound: :func:`normjax._src.device_axes.synchronized_size`).
     """
     index = jax.lax.axis_index(axis_name)
     if axis_index_groups is None:
@@ -385,17 +386,18 @@ def moments(
       >>> m.mean.tolist(), m.var.tolist(), m.count.tolist()
       ([10000.0, 2.0], [1.0, 1.0], [2.0, 2.0])
     """
-    axes_lib.check_inexact(x)
+    arguments.check_inexact(x)
     reduce_axes = axes_lib.canonicalize_axes(reduction_axes, jnp.ndim(x), "reduction_axes")
-    axes_lib.check_mask(mask, jnp.shape(x))
-    axes_lib.check_static_bool(keepdims, "keepdims")  # argument check (axes.py)
-    axes_lib.check_static_bool(centered, "centered")  # argument check (axes.py)
+    arguments.check_mask(mask, jnp.shape(x))
+    device_axes.check_axis_name(axis_name, axis_index_groups)
+    arguments.check_static_bool(keepdims, "keepdims")
+    arguments.check_static_bool(centered, "centered")
     x = jnp.asarray(x)
-    x = x.astype(axes_lib.stats_dtype(x.dtype))
+    x = x.astype(dtypes.stats_dtype(x.dtype))
     if mask is not None:
         mask = jnp.broadcast_to(mask, x.shape)
     local = shifted_moments(x, reduce_axes, mask=mask, centered=centered, total=plain_total(reduce_axes))
-    size = axes_lib.synchronized_size(axis_name, axis_index_groups)
+    size = device_axes.synchronized_size(axis_name, axis_index_groups)
     result = merge_across_devices(local, axis_name, axis_index_groups, size=size, centered=centered)[1].moments()
     if not keepdims:
         result = Moments(*(jnp.squeeze(a, reduce_axes) for a in result))

@@ -21,9 +21,8 @@ from flax.nnx.module import first_from
 from flax.nnx.nn import initializers
 from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
 
-from normjax._src import axes as axes_lib
+from normjax._src import arguments
 from normjax._src import flax_conventions as common
-from normjax._src.example_norms import instance_norm_axes
 
 _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 # Flax's defaults, made once (a call in a signature default is evaluated once anyway).
@@ -220,6 +219,7 @@ class BatchNorm(nnx.Module):
         Returns:
           The normalized input, of ``x``'s shape.
         """
+        common.check_input(x)
         use_running_average = first_from(
             use_running_average,
             self.use_running_average,
@@ -228,8 +228,7 @@ class BatchNorm(nnx.Module):
                 "call (`bn(x, use_running_average=True)`), or set it with `model.train()` / `model.eval()`."
             ),
         )
-        common.check_input_features(x, self.axis, "axis", self.num_features, "BatchNorm")
-        axes_lib.check_static_bool(use_running_average, "use_running_average")
+        arguments.check_static_bool(use_running_average, "use_running_average")
         common.refuse_nnx_call_inside_linen_freeze(not use_running_average)
         running_mean, running_var = self.mean[...], self.var[...]
         scale, bias = _affine(self, scale, bias)
@@ -245,6 +244,7 @@ class BatchNorm(nnx.Module):
             virtual_batch_size=self.virtual_batch_size, renorm_clipping=self.renorm_clipping,
             renorm_warmup_steps=self.renorm_warmup_steps, running_count=None if self.count is None else self.count[...],
             normalized_dtype=self.normalized_dtype, stats_names=("mean", "var"), stats_fix=_STATS_FIX,
+            num_features=self.num_features,
             scale_offset=self.scale_offset, zero_masked_outputs=self.zero_masked_outputs,
         )  # fmt: skip
         if new_state is not None:
@@ -380,12 +380,13 @@ class LayerNorm(nnx.Module):
         Returns:
           The normalized input, of ``x``'s shape.
         """
-        common.check_input_features(x, self.feature_axes, "feature_axes", self.num_features, "LayerNorm")
+        common.check_input(x)
         x, scale, bias = self.promote_dtype((x, *_affine(self, scale, bias)), dtype=self.dtype)
-        return common.apply_standardize(
-            x, scale, bias, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
-            epsilon=self.epsilon, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-            dtype=self.dtype, layer="LayerNorm", normalized_dtype=self.normalized_dtype, scale_offset=self.scale_offset,
+        return common.apply_per_example(
+            "layer_norm", "LayerNorm", x, scale, bias, reduction_axes=self.reduction_axes,
+            feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, dtype=self.dtype, normalized_dtype=self.normalized_dtype,
+            scale_offset=self.scale_offset, num_features=self.num_features,
             zero_masked_outputs=self.zero_masked_outputs,
         )  # fmt: skip
 
@@ -501,16 +502,17 @@ class RMSNorm(nnx.Module):
         Returns:
           The normalized input, of ``x``'s shape.
         """
-        common.check_input_features(x, self.feature_axes, "feature_axes", self.num_features, "RMSNorm")
+        common.check_input(x)
         scale = common.call_affine(_value(self.scale), scale, "scale", "RMSNorm")
         if gate is None:
             x, scale = self.promote_dtype((x, scale), dtype=self.dtype)
         else:
             x, scale, gate = self.promote_dtype((x, scale, gate), dtype=self.dtype)
-        return common.apply_standardize(
-            x, scale, None, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
-            epsilon=self.epsilon, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-            dtype=self.dtype, centered=False, layer="RMSNorm", normalized_dtype=self.normalized_dtype,
+        return common.apply_per_example(
+            "rms_norm", "RMSNorm", x, scale, None, reduction_axes=self.reduction_axes,
+            feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, dtype=self.dtype, normalized_dtype=self.normalized_dtype,
+            num_features=self.num_features,
             scale_offset=self.scale_offset, zero_masked_outputs=self.zero_masked_outputs, gate=gate,
             norm_before_gate=self.norm_before_gate,
         )  # fmt: skip
@@ -594,7 +596,9 @@ class GroupNorm(nnx.Module):
     ):
         common.check_num_features(num_features, "GroupNorm")
         self.feature_axis = -1
-        self.num_groups = common.group_count(num_features, num_groups, group_size, "features")
+        self.num_groups = arguments.group_count(
+            num_features, num_groups, group_size, norm="GroupNorm", flax_word="features"
+        )
         self.group_size = num_features // self.num_groups
         self.scale = _param(use_scale, scale_init, num_features, param_dtype, rngs, scale_metadata)
         self.bias = _param(use_bias, bias_init, num_features, param_dtype, rngs, bias_metadata)
@@ -633,10 +637,11 @@ class GroupNorm(nnx.Module):
         Returns:
           The normalized input, of ``x``'s shape.
         """
-        common.check_input_features(x, -1, "axis", self.num_features, "GroupNorm")
+        common.check_input(x)
         x, scale, bias = self.promote_dtype((x, *_affine(self, scale, bias)), dtype=self.dtype)
-        return common.apply_group_norm(
-            x, scale, bias, num_groups=self.num_groups, group_size=None, reduction_axes=self.reduction_axes,
+        return common.apply_per_example(
+            "group_norm", "GroupNorm", x, scale, bias, num_groups=self.num_groups, group_size=None,
+            reduction_axes=self.reduction_axes, num_features=self.num_features,
             epsilon=self.epsilon, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
             dtype=self.dtype, normalized_dtype=self.normalized_dtype, scale_offset=self.scale_offset,
             zero_masked_outputs=self.zero_masked_outputs,
@@ -755,12 +760,11 @@ class InstanceNorm(nnx.Module):
         Returns:
           The normalized input, of ``x``'s shape.
         """
-        feature_axes, reduction_axes = instance_norm_axes(jnp.ndim(x), self.feature_axes)
-        common.check_input_features(x, self.feature_axes, "feature_axes", self.num_features, "InstanceNorm")
+        common.check_input(x)
         x, scale, bias = self.promote_dtype((x, *_affine(self, scale, bias)), dtype=self.dtype)
-        return common.apply_standardize(
-            x, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes, epsilon=self.epsilon,
+        return common.apply_per_example(
+            "instance_norm", "InstanceNorm", x, scale, bias, feature_axes=self.feature_axes, epsilon=self.epsilon,
             mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype,
-            layer="InstanceNorm", normalized_dtype=self.normalized_dtype, scale_offset=self.scale_offset,
+            normalized_dtype=self.normalized_dtype, num_features=self.num_features, scale_offset=self.scale_offset,
             zero_masked_outputs=self.zero_masked_outputs,
         )  # fmt: skip

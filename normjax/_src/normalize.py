@@ -5,9 +5,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from normjax._src import arguments, dtypes
 from normjax._src import axes as axes_lib
 from normjax._src.boundary import named_scope
-from normjax._src.standardize import as_affine, check_normalized_dtype, offset_scale, standardized_output
+from normjax._src.standardize import as_affine, offset_scale, standardized_output
 from normjax._src.typing import ArrayLike, Axes, DTypeLike
 
 
@@ -63,30 +64,37 @@ def normalize(
       >>> normjax.normalize(x, m.mean, m.var, epsilon=1e-12).tolist()
       [[-1.0, -1.0], [1.0, 1.0]]
     """
-    axes_lib.check_inexact(x)
-    axes_lib.check_epsilon(epsilon, x.dtype)
+    arguments.check_inexact(x)
+    arguments.check_epsilon(epsilon, x.dtype)
     ndim = jnp.ndim(x)
     feature_axes = axes_lib.canonicalize_axes(feature_axes, ndim, "feature_axes")
     what = f"the size of x's feature axes {feature_axes}"
-    axes_lib.check_affine(scale, x.shape, feature_axes, "scale", what)
-    axes_lib.check_affine(bias, x.shape, feature_axes, "bias", what)
-    axes_lib.check_scale_offset(scale_offset, scale)
-    axes_lib.check_mask(mask, x.shape)
-    # -- argument checks (axes.py) --
-    axes_lib.check_moment_array(mean, "mean", x.shape)
-    axes_lib.check_moment_array(var, "var", x.shape, real=True)
-    axes_lib.check_float_dtype(dtype)
-    check_normalized_dtype(normalized_dtype, x.dtype)
-    # -- end of argument checks --
-    out_dtype = axes_lib.output_dtype(x, dtype)
-    axes_lib.check_real_output(out_dtype, mean=mean, scale=scale, bias=bias)  # argument check (axes.py)
+    arguments.check_affine(scale, x.shape, feature_axes, "scale", what)
+    arguments.check_affine(bias, x.shape, feature_axes, "bias", what)
+    arguments.check_scale_offset(scale_offset, scale)
+    arguments.check_mask(mask, x.shape)
+    arguments.check_moment_array(mean, "mean", x.shape)
+    arguments.check_moment_array(var, "var", x.shape, real=True)
+    dtypes.check_float_dtype(dtype)
+    dtypes.check_normalized_dtype(normalized_dtype, x.dtype)
+    out_dtype = dtypes.output_dtype(x, dtype)
+    dtypes.check_real_output(out_dtype, mean=mean, scale=scale, bias=bias)
 
-    compute_dtype = axes_lib.stats_dtype(axes_lib.promote_types(x.dtype, jnp.result_type(mean)))
+    if normalized_dtype is not None:
+        normalized_dtype = jax.dtypes.canonicalize_dtype(normalized_dtype)
+    return normalized(
+        x, mean, var, scale, bias, epsilon=epsilon, feature_axes=feature_axes, out_dtype=out_dtype,
+        normalized_dtype=normalized_dtype, scale_offset=scale_offset, mask=mask,
+    )  # fmt: skip
+
+
+def normalized(x, mean, var, scale, bias, *, epsilon, feature_axes, out_dtype, normalized_dtype, scale_offset, mask):
+    """:func:`normalize`'s output for checked, canonical arguments (also BatchNorm's evaluation)."""
+    ndim = jnp.ndim(x)
+    compute_dtype = dtypes.stats_dtype(dtypes.promote_types(x.dtype, jnp.result_type(mean)))
     inv_std = jax.lax.rsqrt(jnp.asarray(var, jnp.finfo(compute_dtype).dtype) + epsilon)
     gamma = offset_scale(as_affine(scale, ndim, feature_axes), scale_offset, inv_std.dtype)
     beta = as_affine(bias, ndim, feature_axes)
     mask = None if mask is None else jnp.broadcast_to(mask, x.shape)
-    if normalized_dtype is not None:
-        normalized_dtype = jax.dtypes.canonicalize_dtype(normalized_dtype)
     y = standardized_output(x.astype(compute_dtype), mean, inv_std, gamma, beta, mask, normalized_dtype)
     return y.astype(out_dtype)

@@ -42,7 +42,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from normjax._src import axes as axes_lib
+from normjax._src import dtypes
 from normjax._src import layout as layout_lib
 from normjax._src.moments import (
     Moments,
@@ -52,6 +52,7 @@ from normjax._src.moments import (
     shifted_moments,
     without_unit_axes,
 )
+from normjax._src.spec import NormSpec, grouped_shape
 
 
 class Renorm(NamedTuple):
@@ -61,21 +62,6 @@ class Renorm(NamedTuple):
     running_var: jax.Array
     r_max: jax.Array
     d_max: jax.Array
-
-
-class _Spec(NamedTuple):
-    """The static (hashable) part of a call."""
-
-    reduction_axes: tuple[int, ...]
-    feature_axes: tuple[int, ...]
-    centered: bool
-    axis_name: object
-    axis_index_groups: object
-    out_dtype: object
-    layout: str
-    normalized_dtype: object = None
-    scale_offset: float = 0.0
-    axis_size: int | None = None  # devices per group of axis_name, read where the axis is bound
 
 
 def as_feature(param: jax.Array, ndim: int, feature_axes: tuple[int, ...]) -> jax.Array:
@@ -99,7 +85,7 @@ def offset_scale(gamma: jax.Array | None, scale_offset: float, dtype) -> jax.Arr
     ``gamma``; ``gamma`` unchanged when the offset is 0."""
     if gamma is None or not scale_offset:
         return gamma
-    wide = axes_lib.promote_types(gamma.dtype, dtype)
+    wide = dtypes.promote_types(gamma.dtype, dtype)
     return gamma.astype(wide) + jnp.asarray(scale_offset, jnp.finfo(dtype).dtype)
 
 
@@ -108,73 +94,54 @@ def zero_masked(y: jax.Array, mask: jax.Array | None) -> jax.Array:
     return y if mask is None else jnp.where(mask, y, jnp.zeros((), y.dtype))
 
 
+def per_group(param: jax.Array | None, ndim: int, channel_axis: int, groups: int) -> jax.Array | None:
+    """GroupNorm's scale or bias on the grouped view, the channel axis split into ``(groups, channels per group)``.
+
+    Per channel ``(C,)`` becomes ``(groups, C // groups)``; per example (of the input's rank ``ndim``) the channel
+    axis is split in place, or becomes two unit axes where it is broadcast.
+    """
+    if param is None:
+        return None
+    shape = jnp.shape(param)
+    if len(shape) != ndim:
+        return jnp.reshape(param, (groups, shape[0] // groups))
+    channels = shape[channel_axis]
+    split = (groups, channels // groups) if channels != 1 else (1, 1)
+    return jnp.reshape(param, shape[:channel_axis] + split + shape[channel_axis + 1 :])
+
+
 def standardize(
     x: jax.Array,
     scale: jax.Array | None,
     bias: jax.Array | None,
+    spec: NormSpec,
     *,
-    reduction_axes: axes_lib.Axes,
-    feature_axes: axes_lib.Axes,
     epsilon,
     mask: jax.Array | None = None,
-    centered: bool = True,
-    axis_name: axes_lib.AxisName = None,
-    axis_index_groups=None,
-    dtype=None,
-    normalized_dtype=None,
     renorm: Renorm | None = None,
-    scale_offset: float = 0.0,
-    zero_masked_outputs: bool = False,
 ) -> tuple[jax.Array, Moments]:
-    """``(y, moments)``: ``x`` standardized over ``reduction_axes`` with the affine along ``feature_axes``.
+    """``(y, moments)``: ``x`` standardized as ``spec`` says, with arguments :func:`~normjax._src.spec.norm_spec`
+    checked (nothing is checked here).
 
-    Validates its arguments like the public functions (which call it); ``moments`` are keepdims. ``scale`` and
-    ``bias`` are per feature or per example (see :func:`as_affine`); ``scale_offset`` is added to ``scale`` (in
-    the statistics dtype, before the casting order applies). With ``renorm``, Batch Renormalization's ``r`` and
-    ``d`` (constants in the derivative) fold into the affine. ``dtype`` is the output dtype
-    (:func:`normjax._src.axes.output_dtype` by default) and ``normalized_dtype`` the casting order
-    (:func:`standardized_output`). With ``zero_masked_outputs`` the output is 0 where ``mask`` is False.
+    ``moments`` are keepdims (of GroupNorm's grouped view for a ``spec.grouping``). ``scale`` and ``bias`` are
+    per feature or per example (see :func:`as_affine`); ``spec.scale_offset`` is added to ``scale`` (in the
+    statistics dtype, before the casting order applies). With ``renorm``, Batch Renormalization's ``r`` and ``d``
+    (constants in the derivative) fold into the affine. With ``spec.zero_masked_outputs`` the output is 0 where
+    ``mask`` is False.
     """
-    axes_lib.check_inexact(x)
-    axes_lib.check_epsilon(epsilon, x.dtype)
-    axes_lib.check_static_bool(centered, "centered")
-    axes_lib.check_float_dtype(dtype)
-    check_normalized_dtype(normalized_dtype, x.dtype)
-    ndim = jnp.ndim(x)
-    reduction_axes = axes_lib.canonicalize_axes(reduction_axes, ndim, "reduction_axes")
-    feature_axes = axes_lib.canonicalize_axes(feature_axes, ndim, "feature_axes")
-    what = f"the size of x's feature axes {feature_axes}"
-    axes_lib.check_affine(scale, x.shape, feature_axes, "scale", what)
-    axes_lib.check_affine(bias, x.shape, feature_axes, "bias", what)
-    axes_lib.check_scale_offset(scale_offset, scale)
-    axes_lib.check_static_bool(zero_masked_outputs, "zero_masked_outputs")
-    axes_lib.check_mask(mask, jnp.shape(x))
-    axis_size = axes_lib.synchronized_size(axis_name, axis_index_groups)
-    groups = None if axis_index_groups is None else tuple(tuple(int(i) for i in g) for g in axis_index_groups)
-    names = axis_name if axis_name is None or isinstance(axis_name, str) else tuple(axis_name)
-    out_dtype = axes_lib.output_dtype(x, dtype)
-    axes_lib.check_real_output(out_dtype, scale=scale, bias=bias)
-    if normalized_dtype is not None:
-        normalized_dtype = jax.dtypes.canonicalize_dtype(normalized_dtype)
-    spec = _Spec(
-        reduction_axes,
-        feature_axes,
-        bool(centered),
-        names,
-        groups,
-        out_dtype,
-        "generic",
-        normalized_dtype,
-        float(scale_offset),
-        axis_size,
-    )
+    shape = jnp.shape(x)
     if mask is not None:
-        mask = jnp.broadcast_to(mask, x.shape)
-    epsilon = jnp.asarray(epsilon, jnp.finfo(axes_lib.stats_dtype(x.dtype)).dtype)
+        mask = jnp.broadcast_to(mask, shape)
+    if spec.grouping is not None:
+        channel, groups = spec.grouping
+        grouped = grouped_shape(shape, spec.grouping)
+        x, mask = (None if a is None else jnp.reshape(a, grouped) for a in (x, mask))
+        scale, bias = (per_group(p, len(shape), channel, groups) for p in (scale, bias))
+    epsilon = jnp.asarray(epsilon, jnp.finfo(dtypes.stats_dtype(x.dtype)).dtype)
     operands = (x, scale, bias, mask, epsilon, renorm)
     if jnp.iscomplexobj(x) or any(p is not None and jnp.iscomplexobj(p) for p in (scale, bias)):
         y, mean, var, count = _forward(spec, *operands)[:4]  # not holomorphic: JAX differentiates the forward
-    elif _explicitly_sharded(x) or (names is not None and not on_device_axes(names, x)):
+    elif _explicitly_sharded(x) or (spec.axis_name is not None and not on_device_axes(spec.axis_name, x)):
         # Under vmap or pmap axes, no platform_dependent: its branches lose vmap's named axes when JAX traces
         # the rule again inside lax.scan (see moments._gather_by_psum).
         y, mean, var, count = _standardize(spec, *operands)
@@ -186,9 +153,9 @@ def standardize(
             cuda=functools.partial(_standardize, spec._replace(layout="xla_gpu")),
             default=functools.partial(_standardize, spec),
         )
-    if zero_masked_outputs:
+    if spec.zero_masked_outputs:
         y = zero_masked(y, mask)
-    return y, Moments(mean, var, count)
+    return jnp.reshape(y, shape), Moments(mean, var, count)
 
 
 def _explicitly_sharded(x: jax.Array) -> bool:
@@ -197,7 +164,7 @@ def _explicitly_sharded(x: jax.Array) -> bool:
     return spec is not None and any(entry is not None for entry in spec)
 
 
-def _varying_fn(spec: _Spec, like):
+def _varying_fn(spec: NormSpec, like):
     """Marks small arrays device-varying over the axes ``like`` varies over, at their squeezed size.
 
     Why: under ``shard_map`` (and ``pmap``) a device-invariant value, such as a statistic after its collective,
@@ -223,11 +190,11 @@ def _identity(a):
     return a
 
 
-def _layout(spec: _Spec, xf) -> layout_lib.Generic:
+def _layout(spec: NormSpec, xf) -> layout_lib.Generic:
     return layout_lib.LAYOUTS[spec.layout](xf.shape, spec.reduction_axes, _varying_fn(spec, xf))
 
 
-def _renorm_factors(spec: _Spec, ndim, moments: Moments, epsilon, renorm):
+def _renorm_factors(spec: NormSpec, ndim, moments: Moments, epsilon, renorm):
     """Batch Renormalization's ``(r, d)``, broadcastable: ``(x̂ r + d) γ + β``; ``(None, None)`` without it."""
     if renorm is None:
         return None, None
@@ -264,26 +231,6 @@ def _output_deviation(x, mean, mask=None, residual=None):
     return _select(None if mask is None else mask | jnp.isfinite(x), deviation)
 
 
-def check_normalized_dtype(normalized_dtype, x_dtype) -> None:
-    """Raises unless ``normalized_dtype`` is None or a float dtype (complex for a complex ``x``)."""
-    if normalized_dtype is None:
-        return
-    fix = (
-        "Pass the dtype to round the normalized values to before the affine, e.g. `normalized_dtype=x.dtype` "
-        "(HF Llama's order), or None to compute the affine in float32 and round once."
-    )
-    try:
-        dtype = jnp.dtype(normalized_dtype)
-    except TypeError:
-        raise TypeError(f"`normalized_dtype` must be a dtype, got {normalized_dtype!r}. {fix}") from None
-    wanted = jnp.complexfloating if jnp.issubdtype(x_dtype, jnp.complexfloating) else jnp.floating
-    if not jnp.issubdtype(dtype, wanted):
-        kind = "complex" if wanted is jnp.complexfloating else "real floating-point"
-        raise TypeError(
-            f"`normalized_dtype` must be a {kind} dtype for an input of dtype {x_dtype}, got {dtype}. {fix}"
-        )
-
-
 def standardized_output(x, mean, inv_std, gamma=None, beta=None, mask=None, normalized_dtype=None, residual=None):
     r"""The one definition of a norm's output, ``(x - mean) * inv_std * gamma + beta``, and its casting order.
 
@@ -311,7 +258,7 @@ def standardized_output(x, mean, inv_std, gamma=None, beta=None, mask=None, norm
         y = deviation * multiplier
         return y if beta is None else y + beta
     params = tuple(p for p in (gamma, beta) if p is not None)
-    affine_dtype = axes_lib.promote_types(normalized_dtype, *(p.dtype for p in params))
+    affine_dtype = dtypes.promote_types(normalized_dtype, *(p.dtype for p in params))
     y = (deviation * inv_std).astype(normalized_dtype).astype(affine_dtype)
     if gamma is not None:
         y = y * gamma.astype(affine_dtype)
@@ -329,9 +276,9 @@ def _nan_if_overflowed(t):
     return jax.lax.rem(t, jnp.asarray(jnp.finfo(t.dtype).max, t.dtype))
 
 
-def _forward(spec: _Spec, x, scale, bias, mask, epsilon, renorm):
+def _forward(spec: NormSpec, x, scale, bias, mask, epsilon, renorm):
     """The primal computation; also returns what the tangent rule reuses."""
-    xf = x.astype(axes_lib.stats_dtype(x.dtype))
+    xf = x.astype(dtypes.stats_dtype(x.dtype))
     layout = _layout(spec, xf)
     local = shifted_moments(
         xf,
@@ -379,12 +326,12 @@ def _mean_as_two_floats(layout: layout_lib.Generic, own) -> _Center:
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _standardize(spec: _Spec, x, scale, bias, mask, epsilon, renorm):
+def _standardize(spec: NormSpec, x, scale, bias, mask, epsilon, renorm):
     return _forward(spec, x, scale, bias, mask, epsilon, renorm)[:4]
 
 
 @_standardize.defjvp
-def _standardize_jvp(spec: _Spec, primals, tangents):
+def _standardize_jvp(spec: NormSpec, primals, tangents):
     x, scale, bias, mask, epsilon, renorm = primals
     dx, dscale, dbias, _, depsilon, _ = tangents
     y, mean, var, count, (xf, center, inv_std, gamma, r, d) = _forward(spec, *primals)

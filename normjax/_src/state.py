@@ -8,7 +8,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from normjax._src import axes as axes_lib
+from normjax._src import arguments, dtypes
 from normjax._src.typing import ArrayLike, DTypeLike
 
 
@@ -51,8 +51,8 @@ def init_batch_norm_state(features: int | Sequence[int], dtype: DTypeLike = jnp.
       >>> state.count
       Array(0, dtype=int32)
     """
-    shape = axes_lib.check_features(features)  # a NumPy integer (e.g. from np.prod) is a size too
-    axes_lib.check_float_dtype(dtype, "dtype", "the dtype of the running statistics")
+    shape = arguments.check_features(features)  # a NumPy integer (e.g. from np.prod) is a size too
+    dtypes.check_float_dtype(dtype, "dtype", "the dtype of the running statistics")
     if dtype is None or jnp.finfo(dtype).bits < 32:
         raise TypeError(
             f"`dtype` must be float32 or wider (or complex64 or wider), got {jnp.dtype(dtype)}: running statistics "

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
-from normjax._src import axes as axes_lib
 from normjax._src.boundary import named_scope
+from normjax._src.spec import norm_spec
 from normjax._src.standardize import standardize
 from normjax._src.typing import ArrayLike, Axes
 
@@ -57,24 +56,5 @@ def weight_standardize(
       Representation Learning", ECCV 2020. Brock, De, Smith & Simonyan, "High-Performance Large-Scale Image
       Recognition Without Normalization", ICML 2021.
     """
-    axes_lib.check_inexact(kernel, "kernel")
-    ndim = jnp.ndim(kernel)
-    if reduction_axes is None:
-        reduction_axes = tuple(range(ndim - 1))
-    reduction_axes = axes_lib.canonicalize_axes(reduction_axes, ndim, "reduction_axes")
-    axes_lib.check_several_values(
-        kernel.shape,
-        reduction_axes,
-        None,
-        None,
-        "weight_standardize",
-        "Pass the filter's input axes as `reduction_axes` (default: every axis but the last, the output features).",
-    )
-    return standardize(
-        kernel,
-        scale,
-        None,
-        reduction_axes=reduction_axes,
-        feature_axes=axes_lib.complement(reduction_axes, ndim),
-        epsilon=epsilon,
-    )[0]
+    spec = norm_spec("weight_standardize", kernel, scale, epsilon=epsilon, reduction_axes=reduction_axes)
+    return standardize(kernel, scale, None, spec, epsilon=epsilon)[0]

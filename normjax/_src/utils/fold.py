@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from normjax._src import axes as axes_lib
+from normjax._src import arguments
 from normjax._src.normalize import normalize
 from normjax._src.typing import ArrayLike
 from normjax._src.utils import _paths
@@ -69,7 +69,7 @@ def fold_batch_norm(
     for name, value in (("kernel", kernel), ("mean", mean), ("var", var)):
         if value is None:
             raise TypeError(f"`{name}` is required, got None. Pass the layer's `{name}` array.")
-        axes_lib.check_inexact(value, name)
+        arguments.check_inexact(value, name)
     if jnp.ndim(kernel) < 1:
         raise ValueError(
             f"`kernel` must have at least one axis (output features last), got a scalar of shape {jnp.shape(kernel)}."
@@ -79,7 +79,7 @@ def fold_batch_norm(
     features = (out,)
     for name, value in (("bias", bias), ("scale", scale), ("bn_bias", bn_bias), ("mean", mean), ("var", var)):
         if value is not None:
-            axes_lib.check_inexact(value, name)
+            arguments.check_inexact(value, name)
         if value is not None and jnp.shape(value) != features:
             raise ValueError(
                 f"`{name}` must have shape {features} (one value per output feature, the last axis of `kernel` "

@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from normjax._src import axes as axes_lib
+from normjax._src import device_axes
 from normjax._src.typing import AxisName
 
 
@@ -42,7 +42,7 @@ def sync_batch_stats(batch_stats: Any, axis_name: AxisName) -> Any:
             "`sync_batch_stats` needs the `axis_name` of the device axis (of pmap or shard_map), got None. "
             "Outside pmap, average replicated state with `average_replicas` instead."
         )
-    axes_lib.check_axis_name(axis_name, None)
+    device_axes.check_axis_name(axis_name, None)
 
     def synchronized(leaf):
         if jnp.issubdtype(jnp.result_type(leaf), jnp.integer):

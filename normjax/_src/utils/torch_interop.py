@@ -9,7 +9,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from normjax._src import axes as axes_lib
+from normjax._src import arguments, dtypes
 from normjax._src.typing import DTypeLike
 
 _TORCH_TO_FLAX = {"weight": ("params", "scale"), "bias": ("params", "bias")}
@@ -76,8 +76,8 @@ def norm_variables_from_torch(
             f"`prefix` must be a string, the layer's name in `state_dict`, got {prefix!r}. Pass e.g. "
             "`prefix='layer1.0.bn1'`, or `prefix=''` for the layer's own state_dict."
         )
-    axes_lib.check_float_dtype(dtype, "dtype", "the dtype of the returned variables")
-    axes_lib.check_static_bool(count, "count")
+    dtypes.check_float_dtype(dtype, "dtype", "the dtype of the returned variables")
+    arguments.check_static_bool(count, "count")
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(
             f"`dtype` must be a real floating-point dtype, got {jnp.dtype(dtype)}: PyTorch's norm parameters and "
