@@ -140,21 +140,7 @@ def test_each_function_checks_each_argument_once(calls, name):
     assert {"check_inexact", "check_epsilon", "check_affine", "check_real_output"} <= checked
 
 
-# linen's layers create their variables from the feature axes before the call reaches the spec, so those axes
-# are canonicalized twice (GroupNorm's parameters have the last axis' size and are not). Known, to be removed by
-# creating the variables from the spec's parameter shape.
-LINEN_FEATURE_AXES_TWICE = {"BatchNorm", "LayerNorm", "RMSNorm", "RMSNorm_gated", "InstanceNorm"}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="linen canonicalizes its feature axes twice"))
-        if name in LINEN_FEATURE_AXES_TWICE
-        else name
-        for name in sorted(LINEN)
-    ],
-)
+@pytest.mark.parametrize("name", sorted(LINEN))
 def test_each_linen_layer_checks_each_argument_once(calls, name):
     apply = LINEN[name]()
     calls.clear()  # count the call, not the initialization
