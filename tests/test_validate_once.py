@@ -1,9 +1,8 @@
 """Each argument is checked and canonicalized once per call, at the public boundary, whatever the entry point.
 
-The validators and canonicalizers are replaced by counting wrappers, each public norm, `moments`, `normalize` and each
-layer is traced
-once (:func:`jax.eval_shape`), and every (validator, argument) pair must have run exactly once: the core
-(:func:`normjax._src.standardize.standardize`) receives a checked spec and checks nothing again.
+The validators and canonicalizers are replaced by counting wrappers, each public norm, ``moments``, ``normalize`` and
+each layer is traced once (:func:`jax.eval_shape`), and every (validator, argument) pair must have run exactly once:
+the core (:func:`normjax._src.standardize.standardize`) receives a checked spec and checks nothing again.
 """
 
 from __future__ import annotations
