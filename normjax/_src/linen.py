@@ -483,10 +483,9 @@ class GroupNorm(nn.Module):
         common.check_input(x)
         return common.apply_per_example(
             "group_norm", "GroupNorm", x, _affine(self, scale, bias), num_groups=self.num_groups,
-            group_size=self.group_size,
-            reduction_axes=self.reduction_axes, epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, dtype=self.dtype, initializing=self.is_initializing(),
-            normalized_dtype=self.normalized_dtype,
+            group_size=self.group_size, reduction_axes=self.reduction_axes, epsilon=self.epsilon, mask=mask,
+            axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype,
+            initializing=self.is_initializing(), normalized_dtype=self.normalized_dtype,
             scale_offset=self.scale_offset, zero_masked_outputs=self.zero_masked_outputs,
         )  # fmt: skip
 
@@ -579,8 +578,7 @@ class InstanceNorm(nn.Module):
         common.check_input(x)
         return common.apply_per_example(
             "instance_norm", "InstanceNorm", x, _affine(self, scale, bias), feature_axes=self.feature_axes,
-            epsilon=self.epsilon,
-            mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype,
-            initializing=self.is_initializing(), normalized_dtype=self.normalized_dtype,
+            epsilon=self.epsilon, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+            dtype=self.dtype, initializing=self.is_initializing(), normalized_dtype=self.normalized_dtype,
             scale_offset=self.scale_offset, zero_masked_outputs=self.zero_masked_outputs,
         )  # fmt: skip

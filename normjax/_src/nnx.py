@@ -766,8 +766,7 @@ class InstanceNorm(nnx.Module):
         x, scale, bias = self.promote_dtype((x, *_affine(self, scale, bias)), dtype=self.dtype)
         return common.apply_per_example(
             "instance_norm", "InstanceNorm", x, common.held(scale, bias), feature_axes=self.feature_axes,
-            epsilon=self.epsilon,
-            mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype,
-            normalized_dtype=self.normalized_dtype, num_features=self.num_features, scale_offset=self.scale_offset,
-            zero_masked_outputs=self.zero_masked_outputs,
+            epsilon=self.epsilon, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+            dtype=self.dtype, normalized_dtype=self.normalized_dtype, num_features=self.num_features,
+            scale_offset=self.scale_offset, zero_masked_outputs=self.zero_masked_outputs,
         )  # fmt: skip

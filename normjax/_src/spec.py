@@ -25,6 +25,7 @@ import numpy as np
 
 from normjax._src import arguments, device_axes, dtypes
 from normjax._src import axes as axes_lib
+from normjax._src.state import BatchNormState
 from normjax._src.typing import ArrayLike, Axes, AxisIndexGroups, AxisName, DTypeLike
 
 
@@ -69,13 +70,13 @@ class Variables(NamedTuple):
 
     Attributes:
       scale, bias: the affine parameters as the call uses them (per feature or per example), or None.
-      state: BatchNorm's running statistics (a :class:`~normjax._src.state.BatchNormState`), checked by
-        :func:`~normjax._src.batch_norm.batch_norm_spec`; None for the other norms.
+      state: BatchNorm's running statistics, checked by :func:`~normjax._src.batch_norm.batch_norm_spec`; None for
+        the other norms.
     """
 
-    scale: Any = None
-    bias: Any = None
-    state: Any = None
+    scale: ArrayLike | None = None
+    bias: ArrayLike | None = None
+    state: BatchNormState | None = None
 
 
 #: The variables of a call as a function of the shape of a per-feature parameter (the spec's ``param_shape``):
