@@ -1,8 +1,8 @@
 """Each argument is checked and canonicalized once per call, at the public boundary, whatever the entry point.
 
-The validators and canonicalizers are replaced by counting wrappers, each public norm and each layer is traced
-once (:func:`jax.eval_shape`), and every (validator, argument) pair must have run exactly once: the core
-(:func:`normjax._src.standardize.standardize`) receives a checked spec and checks nothing again.
+The validators and canonicalizers are replaced by counting wrappers, each public norm, ``moments``, ``normalize`` and
+each layer is traced once (:func:`jax.eval_shape`), and every (validator, argument) pair must have run exactly once:
+the core (:func:`normjax._src.standardize.standardize`) receives a checked spec and checks nothing again.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ COUNTED = {
         "check_several_values": None,
         "check_batch_norm_values": None,
         "check_input_features": None,
+        "check_moment_array": ("name", 1),
     },
     device_axes: {"check_axis_name": None},
     dtypes: {
@@ -95,6 +96,18 @@ FUNCTIONS = {
 }
 
 
+# The statistics alone, and the output given them: each checks its own arguments once too.
+MOMENTS_AND_NORMALIZE = {
+    "moments": lambda x: nj.moments(x, (0, 1), mask=jnp.ones(x.shape, bool), keepdims=True, centered=False),
+    "moments_synchronized": lambda x: jax.vmap(
+        functools.partial(nj.moments, reduction_axes=0, axis_name="i"), axis_name="i"
+    )(x),
+    "normalize": lambda x: nj.normalize(
+        x, jnp.zeros((1, 1, C)), jnp.ones((1, 1, C)), SCALE, SCALE, mask=jnp.ones(x.shape, bool), scale_offset=1.0
+    ),
+}
+
+
 def _linen(layer, **call):
     variables = layer.init(jax.random.key(0), _ones(X.shape), **call)
     return lambda x: layer.apply(variables, x, mutable=["batch_stats"], **call)
@@ -140,21 +153,15 @@ def test_each_function_checks_each_argument_once(calls, name):
     assert {"check_inexact", "check_epsilon", "check_affine", "check_real_output"} <= checked
 
 
-# linen's layers create their variables from the feature axes before the call reaches the spec, so those axes
-# are canonicalized twice (GroupNorm's parameters have the last axis' size and are not). Known, to be removed by
-# creating the variables from the spec's parameter shape.
-LINEN_FEATURE_AXES_TWICE = {"BatchNorm", "LayerNorm", "RMSNorm", "RMSNorm_gated", "InstanceNorm"}
+@pytest.mark.parametrize("name", sorted(MOMENTS_AND_NORMALIZE))
+def test_moments_and_normalize_check_each_argument_once(calls, name):
+    jax.eval_shape(MOMENTS_AND_NORMALIZE[name], X)
+    _assert_each_once(calls)
+    checked = {fn for fn, _ in calls}
+    assert {"check_inexact", "check_mask" if name != "moments_synchronized" else "check_axis_name"} <= checked
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="linen canonicalizes its feature axes twice"))
-        if name in LINEN_FEATURE_AXES_TWICE
-        else name
-        for name in sorted(LINEN)
-    ],
-)
+@pytest.mark.parametrize("name", sorted(LINEN))
 def test_each_linen_layer_checks_each_argument_once(calls, name):
     apply = LINEN[name]()
     calls.clear()  # count the call, not the initialization

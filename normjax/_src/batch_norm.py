@@ -9,7 +9,7 @@ from normjax._src import arguments
 from normjax._src import axes as axes_lib
 from normjax._src.boundary import named_scope
 from normjax._src.normalize import normalized
-from normjax._src.spec import NormSpec, grouped_shape, norm_spec
+from normjax._src.spec import NormSpec, Variables, VariablesFn, checked_call, grouped_shape
 from normjax._src.standardize import Renorm, as_feature, standardize, zero_masked
 from normjax._src.state import BatchNormState, ema_update
 from normjax._src.typing import ArrayLike, Axes, AxisIndexGroups, AxisName, DTypeLike
@@ -124,20 +124,23 @@ def batch_norm(
       "Train longer, generalize better", NeurIPS 2017.
     """
     options = dict(locals())  # every argument of this call, by name
-    spec = batch_norm_spec(**options)
-    return run_batch_norm(spec, **options)
+    given = Variables(options.pop("scale"), options.pop("bias"), options.pop("state"))
+    spec, _ = batch_norm_spec(options.pop("x"), lambda param_shape: given, **options)
+    return run_batch_norm(spec, x, given.state, given.scale, given.bias, **options)
 
 
 def batch_norm_spec(
-    x, state, scale, bias, *, training, momentum, epsilon, axis, axis_name, axis_index_groups, mask,
+    x, variables: VariablesFn, *, training, momentum, epsilon, axis, axis_name, axis_index_groups, mask,
     unbiased_running_var, skip_nonfinite, allow_single_value, virtual_batch_size, renorm_clipping,
     renorm_warmup_steps, dtype, normalized_dtype, scale_offset, zero_masked_outputs, flax_layer=None,
     initializing=False, num_features=None, state_names=None, state_fix="",
-) -> NormSpec:  # fmt: skip
-    """Checks every argument of one BatchNorm call once: BatchNorm's own here, the core's by :func:`norm_spec`.
+) -> tuple[NormSpec, Variables]:  # fmt: skip
+    """Checks every argument of one BatchNorm call once: BatchNorm's own here, the core's by
+    :func:`~normjax._src.spec.checked_call`, which calls ``variables`` (they include the running ``state``).
 
-    ``flax_layer``, ``initializing`` and ``num_features`` are :func:`norm_spec`'s (a Flax layer's call), whose
-    running statistics are named ``state_names`` in a shape mismatch, with the fix ``state_fix``.
+    ``flax_layer``, ``initializing`` and ``num_features`` are :func:`~normjax._src.spec.checked_call`'s (a Flax
+    layer's call), whose running statistics are named ``state_names`` in a shape mismatch, with the fix
+    ``state_fix``.
     """
     arguments.check_static_bool(training, "training")
     arguments.check_static_bool(unbiased_running_var, "unbiased_running_var")
@@ -146,13 +149,14 @@ def batch_norm_spec(
     if training:
         arguments.check_ghost_batch_options(virtual_batch_size, axis_name, renorm_clipping)
     arguments.check_momentum(momentum)
-    spec = norm_spec(
-        "batch_norm", x, scale, bias, epsilon=epsilon, axis=axis, mask=mask, axis_name=axis_name,
+    spec, call_variables = checked_call(
+        "batch_norm", x, variables, epsilon=epsilon, axis=axis, mask=mask, axis_name=axis_name,
         axis_index_groups=axis_index_groups, dtype=dtype, normalized_dtype=normalized_dtype,
         scale_offset=scale_offset, zero_masked_outputs=zero_masked_outputs,
         allow_single_value=allow_single_value or virtual_batch_size is not None, training=training,
         flax_layer=flax_layer, initializing=initializing, num_features=num_features,
     )  # fmt: skip
+    state = call_variables.state
     what = f"one value per feature along axis {spec.feature_axes}"
     if state_names is not None:
         arguments.check_running_stats(state.mean, state.var, spec.param_shape, state_names, state_fix)
@@ -170,7 +174,7 @@ def batch_norm_spec(
         ghost_shape = grouped_shape(jnp.shape(x), (0, batch // virtual_batch_size))
         reduction_axes = _ghost_spec(spec).reduction_axes
         arguments.check_batch_norm_values(ghost_shape, reduction_axes, mask, None, None, allow_single_value)
-    return spec
+    return spec, call_variables
 
 
 def run_batch_norm(

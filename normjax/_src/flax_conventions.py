@@ -25,12 +25,11 @@ import jax
 import jax.numpy as jnp
 
 from normjax._src import arguments, dtypes
-from normjax._src import axes as axes_lib
 from normjax._src.batch_norm import batch_norm_spec, run_batch_norm
 from normjax._src.example_norms import per_example
-from normjax._src.spec import norm_spec
+from normjax._src.spec import Variables, VariablesFn, checked_call
 from normjax._src.state import BatchNormState
-from normjax._src.typing import Axes, is_int
+from normjax._src.typing import is_int
 
 #: The dtype the layers create running statistics in, whatever ``param_dtype`` or ``force_float32_reductions``.
 RUNNING_STATS_DTYPE = jnp.float32
@@ -97,11 +96,6 @@ def promote_exactly(args: Sequence[jax.Array | None], /, *, dtype=None) -> tuple
     return tuple(None if a is None else widen(a, out) for a in args)
 
 
-def feature_shape(shape: Sequence[int], axes: Axes, name: str) -> tuple[int, ...]:
-    """The shape of a per-feature parameter: ``shape`` along the (sorted, non-negative) axes ``axes``."""
-    return tuple(shape[a] for a in axes_lib.canonicalize_axes(axes, len(shape), name))
-
-
 def check_num_features(num_features, layer: str) -> None:
     """Raises unless an nnx layer's `num_features` is a positive int."""
     if not is_int(num_features) or num_features < 1:
@@ -116,7 +110,13 @@ def call_affine(own: jax.Array | None, given: jax.Array | None, name: str, layer
     return arguments.call_time_param(own, given, name, layer, "use_scale" if name == "scale" else "use_bias")
 
 
-def _running_state(mean: jax.Array, var: jax.Array, count: jax.Array | None, x_dtype) -> BatchNormState:
+def held(scale: jax.Array | None, bias: jax.Array | None = None, state: BatchNormState | None = None) -> VariablesFn:
+    """The variables of an nnx layer, which holds them already (made for ``num_features``, which the spec checks
+    against the input): the same whatever the shape asked for."""
+    return lambda param_shape: Variables(scale, bias, state)
+
+
+def _running_state(state: BatchNormState, x_dtype) -> BatchNormState:
     """Running statistics in the form the core requires for an input of dtype ``x_dtype``.
 
     At least float32 (a checkpoint may hold narrower ones); ``var`` real (an nnx ``promote_dtype`` may have made
@@ -124,13 +124,13 @@ def _running_state(mean: jax.Array, var: jax.Array, count: jax.Array | None, x_d
     becomes complex on the first complex batch, where nnx Flax drops the imaginary part with a FutureWarning.
     """
     stats_dtype = dtypes.stats_dtype(x_dtype)
-    mean = jnp.asarray(mean)
+    mean = jnp.asarray(state.mean)
     mean = mean.astype(jnp.promote_types(mean.dtype, stats_dtype))
-    var = jnp.asarray(var)
+    var = jnp.asarray(state.var)
     if jnp.iscomplexobj(var):
         var = jnp.real(var)
     var = var.astype(jnp.promote_types(var.dtype, jnp.float32))
-    return BatchNormState(mean=mean, var=var, count=None if count is None else jnp.asarray(count))
+    return BatchNormState(mean=mean, var=var, count=None if state.count is None else jnp.asarray(state.count))
 
 
 _STATS_FIX = (
@@ -141,14 +141,10 @@ _STATS_FIX = (
 
 def apply_batch_norm(
     x: jax.Array,
-    running_mean: jax.Array,
-    running_var: jax.Array,
-    scale: jax.Array | None,
-    bias: jax.Array | None,
+    variables: VariablesFn,
     *,
     use_running_average: bool,
     initializing: bool,
-    running_count: jax.Array | None = None,
     stats_names: tuple[str, str] = ("batch_stats/mean", "batch_stats/var"),
     stats_fix: str = _STATS_FIX,
     num_features: int | None = None,
@@ -157,34 +153,39 @@ def apply_batch_norm(
 ) -> tuple[jax.Array, BatchNormState | None]:
     """A BatchNorm layer's call: returns ``(y, new_running_stats)``, the latter ``None`` when nothing is written.
 
-    ``options`` are the layer's attributes under :func:`normjax.batch_norm`'s names; the layer has checked
-    ``use_running_average`` (a static bool). In training during
-    initialization the batch statistics are used without synchronization, ghost batches or renormalization, a
-    batch of one is allowed, and the running statistics are left untouched (as in Flax): ``model.init(key, x)``
-    needs no bound ``axis_name`` and any init batch will do. ``stats_names`` and ``stats_fix`` phrase a shape
-    mismatch of the running statistics in the layer's own terms. ``running_count`` is the layer's step counter,
-    which it keeps only when ``renorm_warmup_steps`` needs one.
+    ``variables`` gives the layer's :class:`~normjax._src.spec.Variables` for the parameters' shape: its scale
+    and bias, and its running statistics as a :class:`BatchNormState` (``count`` is the layer's step counter,
+    which it keeps only when ``renorm_warmup_steps`` needs one). ``options`` are the layer's attributes under
+    :func:`normjax.batch_norm`'s names; the layer has checked ``use_running_average`` (a static bool). In
+    training during initialization the batch statistics are used without synchronization, ghost batches or
+    renormalization, a batch of one is allowed, and the running statistics are left untouched (as in Flax):
+    ``model.init(key, x)`` needs no bound ``axis_name`` and any init batch will do. ``stats_names`` and
+    ``stats_fix`` phrase a shape mismatch of the running statistics in the layer's own terms.
     """
     if initializing:
         options.update(virtual_batch_size=None, renorm_clipping=None, renorm_warmup_steps=0)
-    state = _running_state(running_mean, running_var, running_count, jnp.result_type(x))
+    x_dtype = jnp.result_type(x)
     options.update(training=not use_running_average, mask=bool_mask(mask), allow_single_value=False)
-    spec = batch_norm_spec(
-        x, state, scale, bias, **options, flax_layer="BatchNorm", initializing=initializing,
-        num_features=num_features, state_names=stats_names, state_fix=stats_fix,
+    spec, found = batch_norm_spec(
+        x, lambda shape: _with_running_state(variables(shape), x_dtype), **options, flax_layer="BatchNorm",
+        initializing=initializing, num_features=num_features, state_names=stats_names, state_fix=stats_fix,
     )  # fmt: skip
     x = widen(x, spec.out_dtype)
-    state = _running_state(running_mean, running_var, running_count, x.dtype)  # in the widened input's terms
-    y, new_state = run_batch_norm(spec, x, state, scale, bias, **options)
+    state = _running_state(found.state, x.dtype)  # in the widened input's terms
+    y, new_state = run_batch_norm(spec, x, state, found.scale, found.bias, **options)
     return y, None if use_running_average or initializing else new_state
+
+
+def _with_running_state(variables: Variables, x_dtype) -> Variables:
+    """``variables`` with their running statistics in the core's form (:func:`_running_state`)."""
+    return variables._replace(state=_running_state(variables.state, x_dtype))
 
 
 def apply_per_example(
     norm: str,
     layer: str,
     x: jax.Array,
-    scale: jax.Array | None,
-    bias: jax.Array | None,
+    variables: VariablesFn,
     *,
     epsilon: float,
     initializing: bool = False,
@@ -195,17 +196,18 @@ def apply_per_example(
 ) -> jax.Array:
     """A LayerNorm, RMSNorm (optionally gated), GroupNorm or InstanceNorm layer's call: Flax's axes and dtypes.
 
-    ``norm`` is the function the layer is a layer of and ``options`` its attributes under that function's
+    ``norm`` is the function the layer is a layer of, ``variables`` gives the layer's scale and bias for their
+    shape (:class:`~normjax._src.spec.Variables`) and ``options`` are its attributes under that function's
     names. During initialization the statistics are not synchronized, so ``model.init`` needs no bound
     ``axis_name`` (initialization only needs the parameters' shapes).
     """
     norm = "gated_rms_norm" if gate is not None else norm
     mask = bool_mask(mask)
-    spec = norm_spec(
-        norm, x, scale, bias, epsilon=epsilon, mask=mask, gate=gate, norm_before_gate=norm_before_gate,
+    spec, found = checked_call(
+        norm, x, variables, epsilon=epsilon, mask=mask, gate=gate, norm_before_gate=norm_before_gate,
         flax_layer=layer, initializing=initializing, **options,
     )  # fmt: skip
     return per_example(
-        spec, widen(x, spec.out_dtype), scale, bias, epsilon=epsilon, mask=mask, gate=gate,
+        spec, widen(x, spec.out_dtype), found.scale, found.bias, epsilon=epsilon, mask=mask, gate=gate,
         norm_before_gate=norm_before_gate,
     )  # fmt: skip

@@ -16,8 +16,9 @@ from flax.typing import Axes, Dtype, Initializer
 from jax.nn import initializers
 
 from normjax._src import arguments
-from normjax._src import axes as axes_lib
 from normjax._src import flax_conventions as common
+from normjax._src.spec import Variables, VariablesFn
+from normjax._src.state import BatchNormState
 
 
 class BatchNorm(nn.Module):
@@ -145,36 +146,55 @@ class BatchNorm(nn.Module):
         common.check_input(x)
         use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
         arguments.check_static_bool(use_running_average, "use_running_average")
-        shape = common.feature_shape(x.shape, self.axis, "axis")
-        stats_dtype = common.RUNNING_STATS_DTYPE
-        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), shape)
-        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), shape)
-        count = self.variable("batch_stats", "count", jnp.zeros, (), jnp.int32) if self.renorm_warmup_steps else None
-        scale, bias = _affine(self, shape, scale, bias)
+        running: list[nn.Variable] = []  # batch_stats/{mean,var} (and count), created from the spec's shape
+
+        def variables(shape: tuple[int, ...]) -> Variables:
+            running.extend(_running_stats(self, shape))  # before params/{scale,bias}, as in Flax
+            affine = _affine(self, scale, bias)(shape)
+            return affine._replace(state=BatchNormState(*(variable.value for variable in running)))
+
         y, new_state = common.apply_batch_norm(
-            x, ra_mean.value, ra_var.value, scale, bias, use_running_average=use_running_average,
-            initializing=self.is_initializing(), momentum=self.momentum, epsilon=self.epsilon, axis=self.axis,
+            x, variables, use_running_average=use_running_average, initializing=self.is_initializing(),
+            momentum=self.momentum, epsilon=self.epsilon, axis=self.axis,
             axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, mask=mask, dtype=self.dtype,
             unbiased_running_var=self.unbiased_running_var, skip_nonfinite=self.skip_nonfinite,
             virtual_batch_size=self.virtual_batch_size, renorm_clipping=self.renorm_clipping,
-            renorm_warmup_steps=self.renorm_warmup_steps, running_count=None if count is None else count.value,
-            normalized_dtype=self.normalized_dtype,
+            renorm_warmup_steps=self.renorm_warmup_steps, normalized_dtype=self.normalized_dtype,
             scale_offset=self.scale_offset, zero_masked_outputs=self.zero_masked_outputs,
         )  # fmt: skip
         if new_state is not None:
-            ra_mean.value = new_state.mean
-            ra_var.value = new_state.var
-            if count is not None:
-                count.value = new_state.count
+            for variable, value in zip(running, new_state, strict=False):  # a count only with its variable
+                variable.value = value
         return y
 
 
-def _affine(module: nn.Module, shape: tuple[int, ...], scale: jax.Array | None, bias: jax.Array | None):
-    """Creates (or reads) ``params/scale`` and ``params/bias`` as Flax does, in that order; or takes the call's."""
+def _running_stats(module: nn.Module, shape: tuple[int, ...]) -> list[nn.Variable]:
+    """Creates (or reads) ``batch_stats/mean`` and ``batch_stats/var`` as Flax does, and ``batch_stats/count``
+    when ``renorm_warmup_steps`` needs a step counter."""
+    stats_dtype = common.RUNNING_STATS_DTYPE
+    running = [
+        module.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), shape),
+        module.variable("batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), shape),
+    ]
+    if module.renorm_warmup_steps:
+        running.append(module.variable("batch_stats", "count", jnp.zeros, (), jnp.int32))
+    return running
+
+
+def _affine(module: nn.Module, scale: jax.Array | None, bias: jax.Array | None) -> VariablesFn:
+    """The layer's scale and bias for their shape: creates (or reads) ``params/scale`` and ``params/bias`` as Flax
+    does, in that order (a layer without ``use_bias`` has no bias); or takes the call's."""
     layer = type(module).__name__
-    own_scale = module.param("scale", module.scale_init, shape, module.param_dtype) if module.use_scale else None
-    own_bias = module.param("bias", module.bias_init, shape, module.param_dtype) if module.use_bias else None
-    return common.call_affine(own_scale, scale, "scale", layer), common.call_affine(own_bias, bias, "bias", layer)
+
+    def variables(shape: tuple[int, ...]) -> Variables:
+        use_bias = getattr(module, "use_bias", False)  # RMSNorm has no bias
+        own_scale = module.param("scale", module.scale_init, shape, module.param_dtype) if module.use_scale else None
+        own_bias = module.param("bias", module.bias_init, shape, module.param_dtype) if use_bias else None
+        return Variables(
+            common.call_affine(own_scale, scale, "scale", layer), common.call_affine(own_bias, bias, "bias", layer)
+        )
+
+    return variables
 
 
 class LayerNorm(nn.Module):
@@ -267,10 +287,8 @@ class LayerNorm(nn.Module):
           The normalized input, of ``x``'s shape.
         """
         common.check_input(x)
-        shape = common.feature_shape(x.shape, self.feature_axes, "feature_axes")
-        scale, bias = _affine(self, shape, scale, bias)
         return common.apply_per_example(
-            "layer_norm", "LayerNorm", x, scale, bias, reduction_axes=self.reduction_axes,
+            "layer_norm", "LayerNorm", x, _affine(self, scale, bias), reduction_axes=self.reduction_axes,
             feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups, dtype=self.dtype, initializing=self.is_initializing(),
             normalized_dtype=self.normalized_dtype,
@@ -365,10 +383,8 @@ class RMSNorm(nn.Module):
           The normalized input, of ``x``'s shape.
         """
         common.check_input(x)
-        shape = common.feature_shape(x.shape, self.feature_axes, "feature_axes")
-        own = self.param("scale", self.scale_init, shape, self.param_dtype) if self.use_scale else None
         return common.apply_per_example(
-            "rms_norm", "RMSNorm", x, common.call_affine(own, scale, "scale", "RMSNorm"), None,
+            "rms_norm", "RMSNorm", x, _affine(self, scale, None),
             reduction_axes=self.reduction_axes, feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask,
             axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype,
             initializing=self.is_initializing(), normalized_dtype=self.normalized_dtype, scale_offset=self.scale_offset,
@@ -465,12 +481,11 @@ class GroupNorm(nn.Module):
           The normalized input, of ``x``'s shape.
         """
         common.check_input(x)
-        scale, bias = _affine(self, x.shape[-1:], scale, bias)
         return common.apply_per_example(
-            "group_norm", "GroupNorm", x, scale, bias, num_groups=self.num_groups, group_size=self.group_size,
-            reduction_axes=self.reduction_axes, epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, dtype=self.dtype, initializing=self.is_initializing(),
-            normalized_dtype=self.normalized_dtype,
+            "group_norm", "GroupNorm", x, _affine(self, scale, bias), num_groups=self.num_groups,
+            group_size=self.group_size, reduction_axes=self.reduction_axes, epsilon=self.epsilon, mask=mask,
+            axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype,
+            initializing=self.is_initializing(), normalized_dtype=self.normalized_dtype,
             scale_offset=self.scale_offset, zero_masked_outputs=self.zero_masked_outputs,
         )  # fmt: skip
 
@@ -561,11 +576,9 @@ class InstanceNorm(nn.Module):
           The normalized input, of ``x``'s shape.
         """
         common.check_input(x)
-        feature_axes, _ = axes_lib.instance_norm_axes(x.ndim, self.feature_axes)
-        scale, bias = _affine(self, tuple(x.shape[a] for a in feature_axes), scale, bias)
         return common.apply_per_example(
-            "instance_norm", "InstanceNorm", x, scale, bias, feature_axes=self.feature_axes, epsilon=self.epsilon,
-            mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype,
-            initializing=self.is_initializing(), normalized_dtype=self.normalized_dtype,
+            "instance_norm", "InstanceNorm", x, _affine(self, scale, bias), feature_axes=self.feature_axes,
+            epsilon=self.epsilon, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+            dtype=self.dtype, initializing=self.is_initializing(), normalized_dtype=self.normalized_dtype,
             scale_offset=self.scale_offset, zero_masked_outputs=self.zero_masked_outputs,
         )  # fmt: skip

@@ -23,6 +23,7 @@ from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
 
 from normjax._src import arguments
 from normjax._src import flax_conventions as common
+from normjax._src.state import BatchNormState
 
 _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 # Flax's defaults, made once (a call in a signature default is evaluated once anyway).
@@ -236,14 +237,15 @@ class BatchNorm(nnx.Module):
         if use_running_average:
             # Evaluation normalizes with the statistics as promoted; training updates them in their own dtype.
             running_mean, running_var = mean, var
+        running = BatchNormState(running_mean, running_var, None if self.count is None else self.count[...])
         y, new_state = common.apply_batch_norm(
-            x, running_mean, running_var, scale, bias, use_running_average=use_running_average,
+            x, common.held(scale, bias, running), use_running_average=use_running_average,
             initializing=False, momentum=self.momentum, epsilon=self.epsilon, axis=self.axis,
             axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, mask=mask, dtype=self.dtype,
             unbiased_running_var=self.unbiased_running_var, skip_nonfinite=self.skip_nonfinite,
             virtual_batch_size=self.virtual_batch_size, renorm_clipping=self.renorm_clipping,
-            renorm_warmup_steps=self.renorm_warmup_steps, running_count=None if self.count is None else self.count[...],
-            normalized_dtype=self.normalized_dtype, stats_names=("mean", "var"), stats_fix=_STATS_FIX,
+            renorm_warmup_steps=self.renorm_warmup_steps, normalized_dtype=self.normalized_dtype,
+            stats_names=("mean", "var"), stats_fix=_STATS_FIX,
             num_features=self.num_features,
             scale_offset=self.scale_offset, zero_masked_outputs=self.zero_masked_outputs,
         )  # fmt: skip
@@ -383,7 +385,7 @@ class LayerNorm(nnx.Module):
         common.check_input(x)
         x, scale, bias = self.promote_dtype((x, *_affine(self, scale, bias)), dtype=self.dtype)
         return common.apply_per_example(
-            "layer_norm", "LayerNorm", x, scale, bias, reduction_axes=self.reduction_axes,
+            "layer_norm", "LayerNorm", x, common.held(scale, bias), reduction_axes=self.reduction_axes,
             feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups, dtype=self.dtype, normalized_dtype=self.normalized_dtype,
             scale_offset=self.scale_offset, num_features=self.num_features,
@@ -509,7 +511,7 @@ class RMSNorm(nnx.Module):
         else:
             x, scale, gate = self.promote_dtype((x, scale, gate), dtype=self.dtype)
         return common.apply_per_example(
-            "rms_norm", "RMSNorm", x, scale, None, reduction_axes=self.reduction_axes,
+            "rms_norm", "RMSNorm", x, common.held(scale), reduction_axes=self.reduction_axes,
             feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups, dtype=self.dtype, normalized_dtype=self.normalized_dtype,
             num_features=self.num_features,
@@ -640,7 +642,7 @@ class GroupNorm(nnx.Module):
         common.check_input(x)
         x, scale, bias = self.promote_dtype((x, *_affine(self, scale, bias)), dtype=self.dtype)
         return common.apply_per_example(
-            "group_norm", "GroupNorm", x, scale, bias, num_groups=self.num_groups, group_size=None,
+            "group_norm", "GroupNorm", x, common.held(scale, bias), num_groups=self.num_groups, group_size=None,
             reduction_axes=self.reduction_axes, num_features=self.num_features,
             epsilon=self.epsilon, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
             dtype=self.dtype, normalized_dtype=self.normalized_dtype, scale_offset=self.scale_offset,
@@ -763,8 +765,8 @@ class InstanceNorm(nnx.Module):
         common.check_input(x)
         x, scale, bias = self.promote_dtype((x, *_affine(self, scale, bias)), dtype=self.dtype)
         return common.apply_per_example(
-            "instance_norm", "InstanceNorm", x, scale, bias, feature_axes=self.feature_axes, epsilon=self.epsilon,
-            mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype,
-            normalized_dtype=self.normalized_dtype, num_features=self.num_features, scale_offset=self.scale_offset,
-            zero_masked_outputs=self.zero_masked_outputs,
+            "instance_norm", "InstanceNorm", x, common.held(scale, bias), feature_axes=self.feature_axes,
+            epsilon=self.epsilon, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+            dtype=self.dtype, normalized_dtype=self.normalized_dtype, num_features=self.num_features,
+            scale_offset=self.scale_offset, zero_masked_outputs=self.zero_masked_outputs,
         )  # fmt: skip

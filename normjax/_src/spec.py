@@ -1,8 +1,10 @@
 """The static description of one call of the core, checked and made canonical once, at the public boundary.
 
-:func:`norm_spec` is the one function that checks a norm's arguments: every public norm and every layer (linen,
-nnx, and Equinox through the functions) calls it once per call, and passes the :class:`NormSpec` it returns,
-with arrays it has checked, to :func:`normjax._src.standardize.standardize`, which validates nothing. Each check
+:func:`checked_call` is the one function that checks a norm's arguments: every public norm (through
+:func:`norm_spec`) and every layer (linen, nnx, and Equinox through the functions) calls it once per call, and
+passes the :class:`NormSpec` it returns, with the arrays it has checked, to
+:func:`normjax._src.standardize.standardize`, which validates nothing. A linen layer creates its variables in the
+middle of that one check, once the axes give their shape (:class:`Variables`), so no axis is read twice. Each check
 lives in :mod:`~normjax._src.arguments`, :mod:`~normjax._src.axes`, :mod:`~normjax._src.dtypes` or
 :mod:`~normjax._src.device_axes`, with the message users read (``docs/guides/errors.md``).
 
@@ -14,6 +16,7 @@ mask of any dtype made boolean by the layer, InstanceNorm over a single value, a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -22,6 +25,7 @@ import numpy as np
 
 from normjax._src import arguments, device_axes, dtypes
 from normjax._src import axes as axes_lib
+from normjax._src.state import BatchNormState
 from normjax._src.typing import ArrayLike, Axes, AxisIndexGroups, AxisName, DTypeLike
 
 
@@ -61,10 +65,23 @@ class NormSpec(NamedTuple):
     axis_size: int | None = None
 
 
-def own_param(dtype: DTypeLike) -> jax.ShapeDtypeStruct:
-    """A layer's own scale or bias before it is created (with the spec's ``param_shape``): only its dtype is
-    checked, its shape being right by construction."""
-    return jax.ShapeDtypeStruct((), dtype)
+class Variables(NamedTuple):
+    """The arrays of one call that run along the features, beside ``x``: those :func:`checked_call` checks.
+
+    Attributes:
+      scale, bias: the affine parameters as the call uses them (per feature or per example), or None.
+      state: BatchNorm's running statistics, checked by :func:`~normjax._src.batch_norm.batch_norm_spec`; None for
+        the other norms.
+    """
+
+    scale: ArrayLike | None = None
+    bias: ArrayLike | None = None
+    state: BatchNormState | None = None
+
+
+#: The variables of a call as a function of the shape of a per-feature parameter (the spec's ``param_shape``):
+#: a linen layer creates (or reads) its own there; the functions and nnx return those they were given.
+VariablesFn = Callable[[tuple[int, ...]], Variables]
 
 
 class _Axes(NamedTuple):
@@ -135,10 +152,18 @@ def _check_value_counts(norm, flax_layer, shape, reduction, axis_name, axis_inde
 
 
 def norm_spec(
+    norm: str, x: ArrayLike, scale: ArrayLike | None = None, bias: ArrayLike | None = None, **options: Any
+) -> NormSpec:
+    """The functions' :func:`checked_call`: checks every argument of one call of ``norm``, ``scale`` and ``bias``
+    given, and returns the core's :class:`NormSpec`. ``options`` are :func:`checked_call`'s."""
+    spec, _ = checked_call(norm, x, lambda param_shape: Variables(scale, bias), **options)
+    return spec
+
+
+def checked_call(
     norm: str,
     x: ArrayLike,
-    scale: ArrayLike | jax.ShapeDtypeStruct | None = None,
-    bias: ArrayLike | jax.ShapeDtypeStruct | None = None,
+    variables: VariablesFn,
     *,
     epsilon: Any,
     axis: Axes | None = None,
@@ -160,15 +185,18 @@ def norm_spec(
     flax_layer: str | None = None,
     initializing: bool = False,
     num_features: int | None = None,
-) -> NormSpec:
-    """Checks every static argument of one call of ``norm`` once and returns the core's :class:`NormSpec`.
+) -> tuple[NormSpec, Variables]:
+    """Checks every static argument of one call of ``norm`` once: returns the core's :class:`NormSpec` and the
+    call's :class:`Variables`, whose ``scale`` and ``bias`` it has checked.
+
+    The axes are made canonical first; ``variables`` is then called once with the shape of a per-feature
+    parameter, so a linen layer creates its variables from the same canonical axes the core uses.
 
     Args:
       norm: the function's name (``"layer_norm"``, ``"rms_norm"``, ``"gated_rms_norm"``, ``"group_norm"``,
         ``"instance_norm"``, ``"batch_norm"``, ``"weight_standardize"``); a layer gives its function's.
       x: the input (a layer's, before it is widened to the output dtype).
-      scale, bias: the parameters as the call uses them (per feature or per example); a layer's own not yet
-        created is :func:`own_param`.
+      variables: the call's :class:`Variables` as a function of the parameters' shape (:data:`VariablesFn`).
       epsilon, ...: the norm's arguments, under their public names (``axis`` is BatchNorm's feature axis).
       gate, norm_before_gate: gated RMSNorm's gate and order.
       allow_single_value: BatchNorm's opt-in for one value per feature.
@@ -193,6 +221,9 @@ def norm_spec(
         norm, shape, axis=axis, reduction_axes=reduction_axes, feature_axes=feature_axes, num_groups=num_groups,
         group_size=group_size, flax_layer=flax_layer,
     )  # fmt: skip
+    param_shape = tuple(shape[a] for a in found.param_axes)
+    call_variables = variables(param_shape)
+    scale, bias = call_variables.scale, call_variables.bias
     arguments.check_mask(mask, shape)
     synchronized = training and not initializing  # model.init and evaluation need no bound axis
     if synchronized:
@@ -207,8 +238,7 @@ def norm_spec(
         axis_name, axis_index_groups = None, None
     arguments.check_epsilon(epsilon, jnp.result_type(x))
     for param, name in ((scale, "scale"), (bias, "bias")):
-        if not isinstance(param, jax.ShapeDtypeStruct):
-            arguments.check_affine(param, shape, found.param_axes, name, found.what)
+        arguments.check_affine(param, shape, found.param_axes, name, found.what)
     arguments.check_scale_offset(scale_offset, scale)
     arguments.check_static_bool(zero_masked_outputs, "zero_masked_outputs")
     dtypes.check_normalized_dtype(normalized_dtype, jnp.result_type(x))
@@ -218,7 +248,7 @@ def norm_spec(
     else:
         out_dtype = dtypes.layer_output_dtype(x, scale, bias, gate, dtype=dtype)
     dtypes.check_real_output(out_dtype, scale=scale, bias=bias)
-    return NormSpec(
+    spec = NormSpec(
         reduction_axes=found.reduction,
         feature_axes=found.features,
         centered=norm not in ("rms_norm", "gated_rms_norm"),
@@ -231,6 +261,7 @@ def norm_spec(
         scale_offset=float(scale_offset),
         zero_masked_outputs=bool(zero_masked_outputs),
         grouping=found.grouping,
-        param_shape=tuple(shape[a] for a in found.param_axes),
+        param_shape=param_shape,
         axis_size=None if axis_name is None else device_axes.synchronized_size(axis_name, axis_index_groups),
     )
+    return spec, call_variables
