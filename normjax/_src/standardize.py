@@ -217,9 +217,9 @@ def _select(mask, values):
     return values if mask is None else jnp.where(mask, values, jnp.zeros((), values.dtype))
 
 
-def _deviation(x, mean, mask=None):
-    """``x - mean``; 0 where masked out: what the statistics see."""
-    return _select(mask, x - mean)
+def _deviation(x, mean, residual, mask=None):
+    """``(x - mean) - residual``; 0 where masked out: what the statistics see."""
+    return _select(mask, (x - mean) - residual)
 
 
 def _output_deviation(x, mean, mask=None, residual=None):
@@ -298,31 +298,34 @@ def _forward(spec: NormSpec, x, scale, bias, mask, epsilon, renorm):
     gamma = offset_scale(as_affine(scale, x.ndim, spec.feature_axes), spec.scale_offset, inv_std.dtype)
     gamma, beta = _affine(gamma, as_affine(bias, x.ndim, spec.feature_axes), r, d)
     center = _mean_as_two_floats(layout, own)
-    y = standardized_output(xf, center.hi, inv_std, gamma, beta, mask, spec.normalized_dtype, center.subtracted_lo)
+    y = standardized_output(xf, center.mean, inv_std, gamma, beta, mask, spec.normalized_dtype, center.residual)
     return y.astype(spec.out_dtype), moments.mean, moments.var, moments.count, (xf, center, inv_std, gamma, r, d)
 
 
 class _Center(NamedTuple):
-    """This device's mean as the exact sum ``hi + lo``; ``subtracted_lo`` is ``lo`` where the full-size passes
-    subtract it too (``(x - hi) - lo``), None where they subtract ``hi`` alone."""
+    """This device's mean as the full-size passes subtract it, ``(x - mean) - residual``, and ``error``, what
+    that pair misses of the exact mean (the rounding of the offset's division), which the derivative adds."""
 
-    hi: jax.Array
-    lo: jax.Array
-    subtracted_lo: jax.Array | None
+    mean: jax.Array
+    residual: jax.Array
+    error: jax.Array | float
 
 
 def _mean_as_two_floats(layout: layout_lib.Generic, own) -> _Center:
-    """The mean ``shift + offset`` as the full-size passes subtract it (see :mod:`normjax._src.layout`).
+    """The mean ``shift + offset`` as two floats that the full-size passes subtract one after the other.
 
-    ``deviation_about_shift``: the shift and the offset themselves, ``(x - shift) - offset`` (``x - shift`` is
-    exact for ``x`` near the shift). Otherwise their float sum ``hi`` and its rounding error ``lo`` (Fast2Sum):
-    the output subtracts ``hi``, as Flax's does, and the derivative corrects by ``lo``, so its components along
-    the reduced axes still cancel.
+    ``deviation_about_shift`` (see :mod:`normjax._src.layout`): the shift and the offset themselves (``x -
+    shift`` is exact for ``x`` near the shift). Otherwise their float sum ``hi``, which the output subtracts
+    first as Flax's does, and its rounding error ``lo`` (Fast2Sum). Why ``lo`` too: XLA forms ``hi`` again in
+    every fusion that reads it, and XLA:CPU contracts ``shift + s1 * (1 / n)`` into a fused multiply-add in
+    some of them and not in others, so ``hi`` may differ by an ulp of the mean (1e-3 at a mean of 1e4) between
+    the forward's output and the one the backward recomputes; subtracted as ``(x - hi) - lo``, such a difference
+    is one of the offset's rounding, of the data's spread.
     """
     if layout.deviation_about_shift:
-        return _Center(own.shift, own.offset, own.offset)
+        return _Center(own.shift, own.offset, own.offset_error)
     hi = own.shift + own.offset
-    return _Center(hi, (own.shift - hi) + own.offset, None)
+    return _Center(hi, (own.shift - hi) + own.offset, own.offset_error)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -342,10 +345,13 @@ def _standardize_jvp(spec: NormSpec, primals, tangents):
     m = () if mask is None else (mask,)
     if spec.centered:
         dx_sum = layout.total(lambda dx, m=None: _select(m, dx), (dxf, *m))
-        projection = layout.total(lambda dx, x, k, m=None: _deviation(x, k, m) * dx, (dxf, xf, center.hi, *m))
-        # sum(m (x - mean) dx) with x - mean = (x - hi) - lo (this device's hi and lo): the correction makes the
-        # backward's factor (x - hi) - lo, whose sum over the reduced axes is zero to rounding of the data's spread.
-        dx_sum, projection = psum((dx_sum, projection - center.lo * dx_sum), spec.axis_name, spec.axis_index_groups)
+        projection = layout.total(
+            lambda dx, x, k, r, m=None: _deviation(x, k, r, m) * dx, (dxf, xf, center.mean, center.residual, *m)
+        )
+        # sum(m (x - mean) dx): the deviations as the output forms them sum to n times the offset's division error
+        # rather than zero. Corrected by it, the backward's components along the reduced axes sum to zero to the
+        # rounding of their own size, even at a large mean (where a weight upstream multiplies that sum by it).
+        dx_sum, projection = psum((dx_sum, projection - center.error * dx_sum), spec.axis_name, spec.axis_index_groups)
         dmean = dx_sum / n
     else:
         projection = psum(
@@ -370,14 +376,12 @@ def _standardize_jvp(spec: NormSpec, primals, tangents):
 
     def deviation_term(fn, factors):
         """The term ``fn(x - mean, *factors)``, with x - mean formed as the output forms it."""
-        mean = (center.hi,) if center.subtracted_lo is None else (center.hi, center.subtracted_lo)
 
-        def term(x, *operands):
-            rest = operands[len(mean) :]
-            mask_operand, factors = (rest[0], rest[1:]) if m else (None, rest)
-            return fn(_output_deviation(x, operands[0], mask_operand, *operands[1 : len(mean)]), *factors)
+        def term(x, mean, residual, *operands):
+            mask_operand, factors = (operands[0], operands[1:]) if m else (None, operands)
+            return fn(_output_deviation(x, mean, mask_operand, residual), *factors)
 
-        return term, (xf, *mean, *m, *factors)
+        return term, (xf, center.mean, center.residual, *m, *factors)
 
     small = jnp.broadcast_shapes(*(jnp.shape(a) for a in per_statistic + per_feature if a is not None)) != x.shape
     if small:
