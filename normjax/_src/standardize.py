@@ -217,9 +217,9 @@ def _select(mask, values):
     return values if mask is None else jnp.where(mask, values, jnp.zeros((), values.dtype))
 
 
-def _deviation(x, mean, residual, mask=None):
-    """``(x - mean) - residual``; 0 where masked out: what the statistics see."""
-    return _select(mask, (x - mean) - residual)
+def _deviation(x, mean, residual=None, *, mask=None):
+    """``x - mean``, or ``(x - mean) - residual``; 0 where masked out: what the statistics see."""
+    return _select(mask, x - mean if residual is None else (x - mean) - residual)
 
 
 def _output_deviation(x, mean, mask=None, residual=None):
@@ -303,29 +303,32 @@ def _forward(spec: NormSpec, x, scale, bias, mask, epsilon, renorm):
 
 
 class _Center(NamedTuple):
-    """This device's mean as the full-size passes subtract it, ``(x - mean) - residual``, and ``error``, what
-    that pair misses of the exact mean (the rounding of the offset's division), which the derivative adds."""
+    """This device's mean as the full-size passes subtract it: ``x - mean``, or ``(x - mean) - residual``; and
+    ``correction``, what that misses of the exact mean, which the derivative adds."""
 
     mean: jax.Array
-    residual: jax.Array
-    error: jax.Array | float
+    residual: jax.Array | None
+    correction: jax.Array
+
+    def subtracted(self) -> tuple[jax.Array, ...]:
+        return (self.mean,) if self.residual is None else (self.mean, self.residual)
 
 
 def _mean_as_two_floats(layout: layout_lib.Generic, own) -> _Center:
-    """The mean ``shift + offset`` as two floats that the full-size passes subtract one after the other.
+    """The mean ``shift + offset + offset_error`` in the form the layout subtracts (see :mod:`normjax._src.layout`).
 
-    ``deviation_about_shift`` (see :mod:`normjax._src.layout`): the shift and the offset themselves (``x -
-    shift`` is exact for ``x`` near the shift). Otherwise their float sum ``hi``, which the output subtracts
-    first as Flax's does, and its rounding error ``lo`` (Fast2Sum). Why ``lo`` too: XLA forms ``hi`` again in
-    every fusion that reads it, and XLA:CPU contracts ``shift + s1 * (1 / n)`` into a fused multiply-add in
-    some of them and not in others, so ``hi`` may differ by an ulp of the mean (1e-3 at a mean of 1e4) between
-    the forward's output and the one the backward recomputes; subtracted as ``(x - hi) - lo``, such a difference
-    is one of the offset's rounding, of the data's spread.
+    ``"shift, offset"``: the shift and the offset themselves (``x - shift`` is exact for ``x`` near the shift).
+    Otherwise their float sum ``hi`` and its rounding error ``lo`` (Fast2Sum): ``"hi, lo"`` subtracts both,
+    ``"hi"`` only ``hi`` (as Flax's output does), and the derivative corrects by ``lo``. The offset's own
+    rounding (``offset_error``, at most half an ulp of the offset) is always the derivative's to correct.
     """
-    if layout.deviation_about_shift:
+    if layout.subtracted_mean == "shift, offset":
         return _Center(own.shift, own.offset, own.offset_error)
     hi = own.shift + own.offset
-    return _Center(hi, (own.shift - hi) + own.offset, own.offset_error)
+    lo = (own.shift - hi) + own.offset
+    if layout.subtracted_mean == "hi":
+        return _Center(hi, None, lo + own.offset_error)
+    return _Center(hi, lo, own.offset_error)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -343,15 +346,22 @@ def _standardize_jvp(spec: NormSpec, primals, tangents):
     n = jnp.maximum(count, 1)
     dxf = dx.astype(xf.dtype)
     m = () if mask is None else (mask,)
+    subtracted = center.subtracted()  # the mean as the output subtracts it: one or two arrays
     if spec.centered:
         dx_sum = layout.total(lambda dx, m=None: _select(m, dx), (dxf, *m))
-        projection = layout.total(
-            lambda dx, x, k, r, m=None: _deviation(x, k, r, m) * dx, (dxf, xf, center.mean, center.residual, *m)
+
+        def weighted_deviation(dx, x, *operands):
+            mean, rest = operands[: len(subtracted)], operands[len(subtracted) :]
+            return _deviation(x, *mean, mask=rest[0] if rest else None) * dx
+
+        projection = layout.total(weighted_deviation, (dxf, xf, *subtracted, *m))
+        # sum(m (x - mean) dx): the deviations as the output forms them sum to n times the rest of the mean (lo where
+        # the output subtracts hi alone, and the offset's division error), not to zero. Corrected by it, the
+        # backward's components along the reduced axes sum to zero to rounding of their own size, even at a large
+        # mean (where a weight upstream of the norm multiplies that sum by the mean).
+        dx_sum, projection = psum(
+            (dx_sum, projection - center.correction * dx_sum), spec.axis_name, spec.axis_index_groups
         )
-        # sum(m (x - mean) dx): the deviations as the output forms them sum to n times the offset's division error
-        # rather than zero. Corrected by it, the backward's components along the reduced axes sum to zero to the
-        # rounding of their own size, even at a large mean (where a weight upstream multiplies that sum by it).
-        dx_sum, projection = psum((dx_sum, projection - center.error * dx_sum), spec.axis_name, spec.axis_index_groups)
         dmean = dx_sum / n
     else:
         projection = psum(
@@ -377,11 +387,12 @@ def _standardize_jvp(spec: NormSpec, primals, tangents):
     def deviation_term(fn, factors):
         """The term ``fn(x - mean, *factors)``, with x - mean formed as the output forms it."""
 
-        def term(x, mean, residual, *operands):
-            mask_operand, factors = (operands[0], operands[1:]) if m else (None, operands)
-            return fn(_output_deviation(x, mean, mask_operand, residual), *factors)
+        def term(x, *operands):
+            mean, rest = operands[: len(subtracted)], operands[len(subtracted) :]
+            mask_operand, factors = (rest[0], rest[1:]) if m else (None, rest)
+            return fn(_output_deviation(x, mean[0], mask_operand, *mean[1:]), *factors)
 
-        return term, (xf, center.mean, center.residual, *m, *factors)
+        return term, (xf, *subtracted, *m, *factors)
 
     small = jnp.broadcast_shapes(*(jnp.shape(a) for a in per_statistic + per_feature if a is not None)) != x.shape
     if small:
