@@ -82,10 +82,12 @@ class XlaCpu(Generic):
 
     name = "xla_cpu"
     about_zero_first = True
-    # hi alone (lo in the derivative only): the statistics leave XLA:CPU's branch (or a division by a traced
-    # count) as stored values, so hi is one addition, the same in every fusion; subtracting lo as well doubled the
-    # time of GroupNorm's forward+backward (benchmarks/run.py shapes).
-    subtracted_mean = "hi"
+    # The statistics come about the mean rounded to one float (moments' about_zero_first), as stored arrays: the
+    # output subtracts that shift, as Flax's subtracts its mean (hi, once merged across devices), and the
+    # derivative corrects by the offset. With (x - hi) - lo, GroupNorm's forward+backward took twice the time
+    # (benchmarks/run.py shapes), and one more add on the statistics cost 5-8 % of BatchNorm NC's: XLA:CPU
+    # evaluates the small arrays an elementwise loop reads again in every element.
+    subtracted_mean = "shift"
 
     def __init__(self, shape, reduction_axes, vary):
         super().__init__(shape, reduction_axes, vary)

@@ -60,9 +60,10 @@ class Moments(NamedTuple):
 class ShiftedMoments(NamedTuple):
     """Statistics relative to a shift: mean ``shift + offset``, variance ``m2 / count`` (see the module doc).
 
-    ``offset_error`` is what the rounded offset misses of the exact quotient ``sum(x - shift) / count`` (zero
-    where unknown: after a merge across devices). The mean is ``shift + offset + offset_error`` to about twice the
-    precision, which the closed-form derivative needs (see :mod:`normjax._src.standardize`).
+    ``offset_error`` is what the rounded offset misses of the exact quotient ``sum(x - shift) / count``: zero where
+    unknown (after a merge across devices) or folded into the offset (see :func:`_about_rounded_mean`). The mean
+    is ``shift + offset + offset_error`` to about twice the precision, which the closed-form derivative needs (see
+    :mod:`normjax._src.standardize`).
     """
 
     count: jax.Array
@@ -209,15 +210,36 @@ def shifted_moments(
     shift = None if shift is None else shift.astype(x.dtype)
     if shift is None:  # a masked sample could be padding (NaN): shift by the mean of the valid elements
         shift = jax.lax.stop_gradient(total(lambda x, m=None: valid(x, m), operands) / jnp.maximum(count, 1))
-    if not about_zero_first or mask is not None or jnp.iscomplexobj(x):
+    if not about_zero_first:
         return about(shift, *sums(shift))
+    if mask is not None or jnp.iscomplexobj(x):
+        return _about_rounded_mean(about(shift, *sums(shift)))
     s1, s2 = sums(None)
     unshifted = about(jnp.zeros_like(shift), s1, s2)
     # The relative rounding error of M2 from sums about zero is about eps * s2 / M2 = eps * (1 + mean^2 / var): at
     # most WELL_CONDITIONED * eps where this holds, against the shifted sums' 2 eps. Otherwise (a large mean, a
     # constant feature, a non-finite value) the sums are taken again about the sample.
     well_conditioned = for_every_member(jnp.all(s2 <= WELL_CONDITIONED * unshifted.m2))
-    return jax.lax.cond(well_conditioned, lambda: unshifted, lambda: about(shift, *sums(shift)))
+    rounded = jax.lax.cond(
+        well_conditioned,
+        lambda: _about_rounded_mean(unshifted)[:4],
+        lambda: _about_rounded_mean(about(shift, *sums(shift)))[:4],
+    )
+    return ShiftedMoments(*rounded, jnp.zeros_like(rounded[2]))
+
+
+def _about_rounded_mean(moments: ShiftedMoments) -> ShiftedMoments:
+    """The same statistics about the mean rounded to one float: shift ``fl(shift + offset)``, offset the rest
+    (Fast2Sum), the offset's division error included.
+
+    XLA:CPU's form (``about_zero_first``). Its statistics leave the branch as stored arrays, and XLA:CPU evaluates
+    the small arrays an elementwise loop reads again in every element: there the output subtracts the shift
+    and the derivative reads the offset, with no arithmetic on them left in its loops.
+    """
+    hi = moments.shift + moments.offset
+    rest = ((moments.shift - hi) + moments.offset) + moments.offset_error
+    rest = jnp.where(jnp.isfinite(hi), rest, jnp.zeros_like(rest))  # an infinite mean stays one (inf - inf is NaN)
+    return moments._replace(shift=hi, offset=rest, offset_error=jnp.zeros_like(rest))
 
 
 @jax.custom_batching.custom_vmap

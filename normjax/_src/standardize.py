@@ -20,12 +20,12 @@ it), and :math:`c` is the static ``scale_offset`` (1 for a zero-centered scale, 
 is exact for narrow parameters). Reverse mode is JAX's transpose of this linear map, the textbook backward
 :math:`\bar x = s\,(g' - \overline{m g'} - \hat x\,\overline{m \hat x g'})` with :math:`g' = (\gamma + c) \bar y`:
 two reductions and one elementwise pass. Written as a JVP the rule also serves ``jax.jvp``, ``jacfwd``, higher
-orders, ``vmap`` and collectives. The mean is kept as an exact sum of two floats, of this device's shift and
-offset or of ``hi`` (their sum rounded) and ``lo``: the output subtracts ``hi`` (as Flax's does) or both, and the
-rule sums ``(x - hi) - lo``, so the backward's components along the reduced axes cancel to rounding of the
-data's spread even at a large mean (``x - hi`` alone would leave a residual of ``n * lo``, up to
-``n * eps * |mu| / 2``). Which pair the full-size passes subtract is the layout's choice (one form suits XLA's
-GPU compiler, the other its TPU compiler).
+orders, ``vmap`` and collectives. The mean is kept to about twice float precision, as this device's shift and
+offset or ``hi`` (their sum rounded) and ``lo``, plus the offset's division error; the output subtracts one or
+both of the pair (the layout's choice: one form suits XLA's GPU compiler, another its TPU compiler, a third
+XLA:CPU), and the rule's projection corrects by the rest, so the backward's components along the reduced axes
+cancel to rounding of their own size even at a large mean (a mean off by ``delta`` would leave a residual of
+``n * delta``, which a weight upstream of the norm multiplies by the mean).
 
 Masked-out elements never enter arithmetic whose result is kept: they are selected away (never multiplied by
 zero), their :math:`\hat x` is 0, so their output is :math:`\beta`, and no derivative reads them.
@@ -297,7 +297,7 @@ def _forward(spec: NormSpec, x, scale, bias, mask, epsilon, renorm):
     r, d = _renorm_factors(spec, x.ndim, moments, epsilon, renorm)
     gamma = offset_scale(as_affine(scale, x.ndim, spec.feature_axes), spec.scale_offset, inv_std.dtype)
     gamma, beta = _affine(gamma, as_affine(bias, x.ndim, spec.feature_axes), r, d)
-    center = _mean_as_two_floats(layout, own)
+    center = _mean_as_two_floats(layout, own, merged=spec.axis_name is not None)
     y = standardized_output(xf, center.mean, inv_std, gamma, beta, mask, spec.normalized_dtype, center.residual)
     return y.astype(spec.out_dtype), moments.mean, moments.var, moments.count, (xf, center, inv_std, gamma, r, d)
 
@@ -314,19 +314,22 @@ class _Center(NamedTuple):
         return (self.mean,) if self.residual is None else (self.mean, self.residual)
 
 
-def _mean_as_two_floats(layout: layout_lib.Generic, own) -> _Center:
+def _mean_as_two_floats(layout: layout_lib.Generic, own, merged: bool) -> _Center:
     """The mean ``shift + offset + offset_error`` in the form the layout subtracts (see :mod:`normjax._src.layout`).
 
     ``"shift, offset"``: the shift and the offset themselves (``x - shift`` is exact for ``x`` near the shift).
-    Otherwise their float sum ``hi`` and its rounding error ``lo`` (Fast2Sum): ``"hi, lo"`` subtracts both,
-    ``"hi"`` only ``hi`` (as Flax's output does), and the derivative corrects by ``lo``. The offset's own
-    rounding (``offset_error``, at most half an ulp of the offset) is always the derivative's to correct.
+    ``"hi, lo"``: their float sum ``hi`` and its rounding error ``lo`` (Fast2Sum). ``"shift"``: the shift alone
+    (the statistics are then about the mean rounded to one float), or ``hi`` alone once ``merged`` across
+    devices (the offset is then the way from this device's shift to the common mean). The derivative corrects by
+    the rest, always including the offset's division error.
     """
     if layout.subtracted_mean == "shift, offset":
         return _Center(own.shift, own.offset, own.offset_error)
+    if layout.subtracted_mean == "shift" and not merged:
+        return _Center(own.shift, None, own.offset + own.offset_error)
     hi = own.shift + own.offset
     lo = (own.shift - hi) + own.offset
-    if layout.subtracted_mean == "hi":
+    if layout.subtracted_mean == "shift":
         return _Center(hi, None, lo + own.offset_error)
     return _Center(hi, lo, own.offset_error)
 
