@@ -188,9 +188,11 @@ KNOWN_GAPS = {
     ("tpu", "LayerNorm", "bfloat16", "forward"): (1.02, 1.02, 8, 1.0),
     ("tpu", "LayerNorm", "bfloat16", "forward+backward"): (1.02, 1.02, 10, 1.0),
     ("tpu", "GroupNorm", "float32", "forward"): (1.02, 1.02, 19, 1.0),
-    ("tpu", "GroupNorm", "float32", "forward+backward"): (1.02, 1.02, 32, 1.0),
+    # GroupNorm's backward on TPU: 8 more kernels than before the rule corrected by the offset's division error,
+    # each a relayout of a (16, 32) array of statistics (2 KB) that the compiler inserts around that arithmetic.
+    ("tpu", "GroupNorm", "float32", "forward+backward"): (1.02, 1.02, 40, 1.0),
     ("tpu", "GroupNorm", "bfloat16", "forward"): (1.02, 1.02, 22, 1.0),
-    ("tpu", "GroupNorm", "bfloat16", "forward+backward"): (1.02, 1.02, 40, 1.0),
+    ("tpu", "GroupNorm", "bfloat16", "forward+backward"): (1.02, 1.02, 48, 1.0),
     ("tpu", "InstanceNorm", "float32", "forward"): (1.02, 1.02, 8, 1.0),
     ("tpu", "InstanceNorm", "bfloat16", "forward"): (1.02, 1.02, 8, 1.0),
     ("tpu", "InstanceNorm", "bfloat16", "forward+backward"): (1.02, 1.02, 15, 1.0),

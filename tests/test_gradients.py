@@ -142,23 +142,48 @@ def test_masked_elements_get_zero_gradient_and_do_not_change_the_others(name):
     np.testing.assert_allclose(loss(jnp.where(mask, x, 1e3)), grad, rtol=1e-5, atol=1e-6)
 
 
-def _upstream_weight_gradient_error(norm_fn, offset, dtype, seed=0):
-    """Relative error of dL/dW for ``loss = mean((norm(x @ W) - t) ** 2)`` with ``x`` of mean ``offset``."""
+UPSTREAM_SEEDS = range(8)
+
+
+def _upstream_problem(offset, seed):
+    """``(w, x, t)`` of Dense -> norm: a weight near the identity, ``x`` of mean ``offset`` and spread 1, a
+    random target."""
     rng = np.random.default_rng(seed)
     x = offset + rng.normal(size=(8, 6, 16))
     w = np.eye(16) + 0.1 * rng.normal(size=(16, 16))
     t = rng.normal(size=(8, 6, 16))
+    return w, x, t
 
-    def grad(fn, dtype):
-        def loss(w):
-            return jnp.mean((fn(jnp.asarray(x, dtype) @ w) - jnp.asarray(t, dtype)) ** 2)
 
-        return np.asarray(jax.grad(loss)(jnp.asarray(w, dtype)), np.float64)
+def _upstream_weight_gradient(norm_fn, dtype):
+    """dL/dW of ``loss = mean((norm(x @ W) - t) ** 2)`` as a jitted function of ``(w, x, t)``: jit, because XLA's
+    fusions recompute the forward inside the backward, the way users run it."""
 
+    def grad(w, x, t):
+        return jax.grad(lambda w: jnp.mean((norm_fn(x @ w) - t) ** 2))(w)
+
+    compiled = jax.jit(grad)
+    return lambda w, x, t: np.asarray(compiled(*(jnp.asarray(a, dtype) for a in (w, x, t))), np.float64)
+
+
+@functools.cache
+def _float64_upstream_weight_gradients(name, offset):
     with jax.enable_x64(True):
-        want = grad(norm_fn["float64"], jnp.float64)
-    got = grad(norm_fn[dtype], jnp.float32)
-    return np.linalg.norm(got - want) / np.linalg.norm(want)
+        grad = _upstream_weight_gradient(_UPSTREAM_NORMS[name]["float64"], jnp.float64)
+        return [grad(*_upstream_problem(offset, seed)) for seed in UPSTREAM_SEEDS]
+
+
+def _upstream_weight_gradient_errors(name, offset, implementation):
+    """Relative errors of dL/dW against float64, one per seed of ``UPSTREAM_SEEDS``."""
+    grad = _upstream_weight_gradient(_UPSTREAM_NORMS[name][implementation], jnp.float32)
+    wants = _float64_upstream_weight_gradients(name, offset)
+    gots = [grad(*_upstream_problem(offset, seed)) for seed in UPSTREAM_SEEDS]
+    return np.asarray([np.linalg.norm(g - w) / np.linalg.norm(w) for g, w in zip(gots, wants, strict=True)])
+
+
+@functools.cache
+def _flax_upstream_weight_gradient_errors(name, offset):
+    return _upstream_weight_gradient_errors(name, offset, "flax")
 
 
 def _standardized64(z, axes, centered=True):
@@ -227,23 +252,26 @@ def _lowered_as_for(platform):
         yield
 
 
-# Where the 2x target is not met yet: (norm, offset, platform) -> the bound, today's ratio to Flax's error (+5%).
-# The generic (GPU) layout's BatchNorm at a mean of 1e4 measures 5.1e-3 against Flax's 2.0e-3 (the XLA:CPU
-# layout: 3.6e-3); the TPU layout's 4.5e-3.
-KNOWN_GRADIENT_GAPS = {("batch_norm", 1e4, "cuda"): 2.6, ("batch_norm", 1e4, "tpu"): 2.3}
+# The norms whose reduction spans the rows that dL/dW = x^T dL/dz sums: their components of dL/dz along the
+# reduced axes (zero in exact arithmetic) reach dL/dW multiplied by the mean, so there the closed form's
+# cancellation is what is measured.
+_ROWS_REDUCED = ("batch_norm", "instance_norm")
 
 
 @pytest.mark.parametrize("platform", ["cpu", "cuda", "tpu"])
-@pytest.mark.parametrize("offset", [1e2, 1e3, 1e4])
 @pytest.mark.parametrize("name", sorted(_UPSTREAM_NORMS))
-def test_upstream_weight_gradient_is_as_accurate_as_autodiff_of_flax_exact(name, offset, platform):
-    """Dense -> norm: the closed-form backward's components along the reduced axes cancel to rounding, so the
-    gradient of a weight upstream (x^T dL/dz, with x the size of the offset) is within 2x of the error of JAX's
-    autodiff through Flax's two-pass layer, against float64, in every platform's layout."""
-    fns = _UPSTREAM_NORMS[name]
-    with _lowered_as_for(platform):
-        ours = _upstream_weight_gradient_error({"float64": fns["float64"], "f32": fns["normjax"]}, offset, "f32")
-    flax = _upstream_weight_gradient_error({"float64": fns["float64"], "f32": fns["flax"]}, offset, "f32")
-    # Below a relative error of 1e-4 (float32 rounding of this small problem) the ratio is noise: BatchNorm at a
-    # mean of 1e2 measures 6e-5 against Flax's 1.7e-5.
-    assert ours <= KNOWN_GRADIENT_GAPS.get((name, offset, platform), 2) * flax + 1e-4, (ours, flax)
+def test_upstream_weight_gradient_is_as_accurate_as_autodiff_of_flax_exact(name, platform):
+    """Dense -> norm at input means 1e2, 1e3, 1e4, over several random batches: the closed-form backward's
+    components along the reduced axes cancel to rounding, so the gradient of a weight upstream (x^T dL/dz, with x
+    the size of the mean) is within 2x of the error of JAX's autodiff through Flax's two-pass layer, against
+    float64, in every platform's layout, compiled with jit (the forward that XLA recomputes in the backward
+    must round as the forward did)."""
+    for offset in (1e2, 1e3, 1e4):
+        with _lowered_as_for(platform):
+            ours = _upstream_weight_gradient_errors(name, offset, "normjax")
+        flax = _flax_upstream_weight_gradient_errors(name, offset)
+        # Below a relative error of 1e-4 (float32 rounding of this small problem) a single batch's ratio is noise.
+        assert np.all(ours <= 2 * flax + 1e-4), (offset, ours, flax)
+        if name in _ROWS_REDUCED:
+            # Measured over 16 batches: median ratio 0.8-1.1, worst batch 1.5 at means of 1e3 and 1e4.
+            assert np.median(ours / flax) <= 1.5, (offset, ours / flax)

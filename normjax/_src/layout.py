@@ -27,8 +27,8 @@ slows its reduction loops), so its statistics are first summed about zero (``abo
 again about the sample shift only when those sums are not accurate: when ``mean^2 > 3 var`` for some statistic
 (see :func:`normjax._src.moments.shifted_moments`). GPU and TPU read ``x`` once either way and skip that test.
 
-Layouts also choose which exact two-float form of the mean ``shift + offset`` the full-size passes subtract
-(``deviation_about_shift``; see :mod:`normjax._src.standardize`). :class:`XlaTpu` is chosen for the TPU platform.
+Layouts also choose the form in which the full-size passes subtract the mean ``shift + offset``
+(``subtracted_mean``; see :mod:`normjax._src.standardize`). :class:`XlaTpu` is chosen for the TPU platform.
 :class:`XlaGpu`, chosen for CUDA GPUs, sums a reduction to few statistics over a few thousand rows in two stages,
 so XLA's GPU compiler fuses ``x - shift`` into it rather than writing it out.
 """
@@ -45,16 +45,21 @@ import jax.numpy as jnp
 class Generic:
     """Plain ``jnp``: every expression in the input's own shape.
 
-    The full-size passes subtract ``hi``, the mean rounded to one float (the output: ``x - hi``, as Flax's; the
-    derivative corrects by ``lo``). XLA's GPU compiler then sees ``x - hi`` and the statistics' ``x - shift`` as
-    distinct expressions; a common ``x - shift`` (:class:`XlaTpu`'s form) is written to memory by the GPU
-    compiler when the backward also reads it (BatchNorm NC bfloat16, GroupNorm and InstanceNorm float32:
-    1.06-1.29x Flax's bytes in the deviceless H100 compiles of ``benchmarks/accelerators.py``).
+    The full-size passes subtract the mean as ``hi``, rounded to one float as Flax's output subtracts it, then its
+    rounding error ``lo``: ``(x - hi) - lo``. Why ``lo`` too: XLA forms ``hi = shift + s1 * (1 / n)`` again in
+    every fusion that reads it, and XLA:CPU (which runs this layout under explicit sharding and named vmap axes)
+    contracts it into a fused multiply-add in some and not in others; ``hi`` alone could then differ by an ulp of
+    the mean (1e-3 at a mean of 1e4) between the forward's output and the one the backward recomputes: 3e4x Flax's
+    gradient error upstream of a BatchNorm, on a quarter of random batches. XLA's GPU compiler sees ``x - hi``
+    and the statistics' ``x - shift`` as distinct expressions; a common ``x - shift`` (:class:`XlaTpu`'s form) is
+    written to memory by the GPU compiler when the backward also reads it (BatchNorm NC bfloat16, GroupNorm and
+    InstanceNorm float32: 1.06-1.29x Flax's bytes in the deviceless H100 compiles of
+    ``benchmarks/accelerators.py``).
     """
 
     name = "generic"
     about_zero_first = False
-    deviation_about_shift = False
+    subtracted_mean = "hi, lo"
 
     def __init__(self, shape: tuple[int, ...], reduction_axes: tuple[int, ...], vary):
         self.shape = tuple(shape)
@@ -77,6 +82,12 @@ class XlaCpu(Generic):
 
     name = "xla_cpu"
     about_zero_first = True
+    # The statistics come about the mean rounded to one float (moments' about_zero_first), as stored arrays: the
+    # output subtracts that shift, as Flax's subtracts its mean (hi, once merged across devices), and the
+    # derivative corrects by the offset. With (x - hi) - lo, GroupNorm's forward+backward took twice the time
+    # (benchmarks/run.py shapes), and one more add on the statistics cost 5-8 % of BatchNorm NC's: XLA:CPU
+    # evaluates the small arrays an elementwise loop reads again in every element.
+    subtracted_mean = "shift"
 
     def __init__(self, shape, reduction_axes, vary):
         super().__init__(shape, reduction_axes, vary)
@@ -134,7 +145,7 @@ class XlaTpu(Generic):
     """
 
     name = "xla_tpu"
-    deviation_about_shift = True
+    subtracted_mean = "shift, offset"
 
 
 # Measured on the deviceless H100 compiles (jax 0.10.2): a column reduction with at least this many outputs

@@ -58,12 +58,19 @@ class Moments(NamedTuple):
 
 
 class ShiftedMoments(NamedTuple):
-    """Statistics relative to a shift: mean ``shift + offset``, variance ``m2 / count`` (see the module doc)."""
+    """Statistics relative to a shift: mean ``shift + offset``, variance ``m2 / count`` (see the module doc).
+
+    ``offset_error`` is what the rounded offset misses of the exact quotient ``sum(x - shift) / count``: zero where
+    unknown (after a merge across devices) or folded into the offset (see :func:`_about_rounded_mean`). The mean
+    is ``shift + offset + offset_error`` to about twice the precision, which the closed-form derivative needs (see
+    :mod:`normjax._src.standardize`).
+    """
 
     count: jax.Array
     shift: jax.Array
     offset: jax.Array
     m2: jax.Array
+    offset_error: jax.Array
 
     def moments(self) -> Moments:
         mean = self.shift + self.offset
@@ -74,6 +81,28 @@ def abs_square(z: jax.Array) -> jax.Array:
     if jnp.iscomplexobj(z):
         return jnp.real(z) ** 2 + jnp.imag(z) ** 2
     return z * z
+
+
+def quotient_error(numerator: jax.Array, denominator: jax.Array, quotient: jax.Array) -> jax.Array:
+    """``(numerator - denominator * quotient) / denominator``: what a rounded real ``quotient`` misses.
+
+    The product is formed exactly from halves of each factor's significand (Dekker's splitting), so the first
+    partial product is within a factor 2 of the numerator and its difference exact; the others are smaller by
+    a half's precision. Formed as one rounded product, ``numerator - denominator * quotient`` would be all
+    rounding: the product's error is as large as the remainder it should reveal.
+    """
+    d_hi, d_lo = _significand_halves(jnp.broadcast_to(denominator, jnp.shape(quotient)).astype(quotient.dtype))
+    q_hi, q_lo = _significand_halves(quotient)
+    remainder = (((numerator - d_hi * q_hi) - d_hi * q_lo) - d_lo * q_hi) - d_lo * q_lo
+    return remainder / denominator
+
+
+def _significand_halves(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(hi, a - hi)``, ``hi`` rounded to half of ``a``'s significand bits (float32: 12 of 24), so a product of
+    two halves is exact and ``a - hi`` is too."""
+    info = jnp.finfo(a.dtype)
+    hi = jax.lax.reduce_precision(a, exponent_bits=info.nexp, mantissa_bits=(info.nmant + 1) // 2 - 1)
+    return hi, a - hi
 
 
 def without_unit_axes(a: jax.Array) -> jax.Array:
@@ -154,7 +183,7 @@ def shifted_moments(
     if not centered:
         m2 = total(lambda x, m=None: valid(abs_square(x), m), operands)
         zero = jnp.zeros(small, x.dtype)
-        return ShiftedMoments(count, zero, zero, m2)
+        return ShiftedMoments(count, zero, zero, m2, zero)
 
     def sums(shift):
         """The sums of ``x - shift`` and of its square over ``axes``; of ``x`` and its square for ``shift`` None."""
@@ -170,23 +199,47 @@ def shifted_moments(
         )
 
     def about(shift, s1, s2):
-        offset = s1 / jnp.maximum(count, 1)
+        n = jnp.maximum(count, 1)
+        offset = s1 / n
         m2 = jnp.maximum(s2 - jnp.real(s1 * jnp.conj(offset)), 0)
-        return ShiftedMoments(count, shift, offset, m2)
+        # Complex inputs are differentiated by JAX through the forward, which needs no error of the offset.
+        error = jnp.zeros_like(offset) if jnp.iscomplexobj(x) else quotient_error(s1, n, offset)
+        return ShiftedMoments(count, shift, offset, m2, error)
 
     shift = None if mask is not None else sample_shift(x if sample_from is None else sample_from, axes)
     shift = None if shift is None else shift.astype(x.dtype)
     if shift is None:  # a masked sample could be padding (NaN): shift by the mean of the valid elements
         shift = jax.lax.stop_gradient(total(lambda x, m=None: valid(x, m), operands) / jnp.maximum(count, 1))
-    if not about_zero_first or mask is not None or jnp.iscomplexobj(x):
+    if not about_zero_first:
         return about(shift, *sums(shift))
+    if mask is not None or jnp.iscomplexobj(x):
+        return _about_rounded_mean(about(shift, *sums(shift)))
     s1, s2 = sums(None)
     unshifted = about(jnp.zeros_like(shift), s1, s2)
     # The relative rounding error of M2 from sums about zero is about eps * s2 / M2 = eps * (1 + mean^2 / var): at
     # most WELL_CONDITIONED * eps where this holds, against the shifted sums' 2 eps. Otherwise (a large mean, a
     # constant feature, a non-finite value) the sums are taken again about the sample.
     well_conditioned = for_every_member(jnp.all(s2 <= WELL_CONDITIONED * unshifted.m2))
-    return jax.lax.cond(well_conditioned, lambda: unshifted, lambda: about(shift, *sums(shift)))
+    rounded = jax.lax.cond(
+        well_conditioned,
+        lambda: _about_rounded_mean(unshifted)[:4],
+        lambda: _about_rounded_mean(about(shift, *sums(shift)))[:4],
+    )
+    return ShiftedMoments(*rounded, jnp.zeros_like(rounded[2]))
+
+
+def _about_rounded_mean(moments: ShiftedMoments) -> ShiftedMoments:
+    """The same statistics about the mean rounded to one float: shift ``fl(shift + offset)``, offset the rest
+    (Fast2Sum), the offset's division error included.
+
+    XLA:CPU's form (``about_zero_first``). Its statistics leave the branch as stored arrays, and XLA:CPU evaluates
+    the small arrays an elementwise loop reads again in every element: there the output subtracts the shift
+    and the derivative reads the offset, with no arithmetic on them left in its loops.
+    """
+    hi = moments.shift + moments.offset
+    rest = ((moments.shift - hi) + moments.offset) + moments.offset_error
+    rest = jnp.where(jnp.isfinite(hi), rest, jnp.zeros_like(rest))  # an infinite mean stays one (inf - inf is NaN)
+    return moments._replace(shift=hi, offset=rest, offset_error=jnp.zeros_like(rest))
 
 
 @jax.custom_batching.custom_vmap
@@ -308,7 +361,8 @@ def merge_across_devices(
         count, m2 = psum((local.count, local.m2), axis_name, axis_index_groups)
         merged = local._replace(count=count, m2=m2)
         return merged, merged
-    stacked = jnp.stack([without_unit_axes(jnp.broadcast_to(a, small_shape)).astype(dtype) for a in local])
+    gathered_moments = (local.count, local.shift, local.offset, local.m2)
+    stacked = jnp.stack([without_unit_axes(jnp.broadcast_to(a, small_shape)).astype(dtype) for a in gathered_moments])
     with _grouped_collectives_explained(axis_name, axis_index_groups):
         if on_device_axes(axis_name, local.shift):
             gathered = _gather(stacked, axis_name, axis_index_groups)
@@ -323,7 +377,8 @@ def merge_across_devices(
     offset = jnp.sum(counts * deltas, 0, keepdims=True) / jnp.maximum(count, 1)
     m2 = jnp.sum(m2s, 0, keepdims=True) + jnp.sum(counts * abs_square(deltas - offset), 0, keepdims=True)
     reshape = lambda a: jnp.reshape(a, small_shape)  # noqa: E731
-    common = ShiftedMoments(reshape(count), reshape(reference), reshape(offset), reshape(m2))
+    untracked = jnp.zeros(small_shape, dtype)  # the merged offset's rounding error is not tracked
+    common = ShiftedMoments(reshape(count), reshape(reference), reshape(offset), reshape(m2), untracked)
     own = common._replace(shift=local.shift, offset=(common.shift - local.shift) + common.offset)
     return own, common
 

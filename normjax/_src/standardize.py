@@ -20,12 +20,12 @@ it), and :math:`c` is the static ``scale_offset`` (1 for a zero-centered scale, 
 is exact for narrow parameters). Reverse mode is JAX's transpose of this linear map, the textbook backward
 :math:`\bar x = s\,(g' - \overline{m g'} - \hat x\,\overline{m \hat x g'})` with :math:`g' = (\gamma + c) \bar y`:
 two reductions and one elementwise pass. Written as a JVP the rule also serves ``jax.jvp``, ``jacfwd``, higher
-orders, ``vmap`` and collectives. The mean is kept as an exact sum of two floats, of this device's shift and
-offset or of ``hi`` (their sum rounded) and ``lo``: the output subtracts ``hi`` (as Flax's does) or both, and the
-rule sums ``(x - hi) - lo``, so the backward's components along the reduced axes cancel to rounding of the
-data's spread even at a large mean (``x - hi`` alone would leave a residual of ``n * lo``, up to
-``n * eps * |mu| / 2``). Which pair the full-size passes subtract is the layout's choice (one form suits XLA's
-GPU compiler, the other its TPU compiler).
+orders, ``vmap`` and collectives. The mean is kept to about twice float precision, as this device's shift and
+offset or ``hi`` (their sum rounded) and ``lo``, plus the offset's division error; the output subtracts one or
+both of the pair (the layout's choice: one form suits XLA's GPU compiler, another its TPU compiler, a third
+XLA:CPU), and the rule's projection corrects by the rest, so the backward's components along the reduced axes
+cancel to rounding of their own size even at a large mean (a mean off by ``delta`` would leave a residual of
+``n * delta``, which a weight upstream of the norm multiplies by the mean).
 
 Masked-out elements never enter arithmetic whose result is kept: they are selected away (never multiplied by
 zero), their :math:`\hat x` is 0, so their output is :math:`\beta`, and no derivative reads them.
@@ -217,9 +217,9 @@ def _select(mask, values):
     return values if mask is None else jnp.where(mask, values, jnp.zeros((), values.dtype))
 
 
-def _deviation(x, mean, mask=None):
-    """``x - mean``; 0 where masked out: what the statistics see."""
-    return _select(mask, x - mean)
+def _deviation(x, mean, residual=None, *, mask=None):
+    """``x - mean``, or ``(x - mean) - residual``; 0 where masked out: what the statistics see."""
+    return _select(mask, x - mean if residual is None else (x - mean) - residual)
 
 
 def _output_deviation(x, mean, mask=None, residual=None):
@@ -297,32 +297,41 @@ def _forward(spec: NormSpec, x, scale, bias, mask, epsilon, renorm):
     r, d = _renorm_factors(spec, x.ndim, moments, epsilon, renorm)
     gamma = offset_scale(as_affine(scale, x.ndim, spec.feature_axes), spec.scale_offset, inv_std.dtype)
     gamma, beta = _affine(gamma, as_affine(bias, x.ndim, spec.feature_axes), r, d)
-    center = _mean_as_two_floats(layout, own)
-    y = standardized_output(xf, center.hi, inv_std, gamma, beta, mask, spec.normalized_dtype, center.subtracted_lo)
+    center = _mean_as_two_floats(layout, own, merged=spec.axis_name is not None)
+    y = standardized_output(xf, center.mean, inv_std, gamma, beta, mask, spec.normalized_dtype, center.residual)
     return y.astype(spec.out_dtype), moments.mean, moments.var, moments.count, (xf, center, inv_std, gamma, r, d)
 
 
 class _Center(NamedTuple):
-    """This device's mean as the exact sum ``hi + lo``; ``subtracted_lo`` is ``lo`` where the full-size passes
-    subtract it too (``(x - hi) - lo``), None where they subtract ``hi`` alone."""
+    """This device's mean as the full-size passes subtract it: ``x - mean``, or ``(x - mean) - residual``; and
+    ``correction``, what that misses of the exact mean, which the derivative adds."""
 
-    hi: jax.Array
-    lo: jax.Array
-    subtracted_lo: jax.Array | None
+    mean: jax.Array
+    residual: jax.Array | None
+    correction: jax.Array
+
+    def subtracted(self) -> tuple[jax.Array, ...]:
+        return (self.mean,) if self.residual is None else (self.mean, self.residual)
 
 
-def _mean_as_two_floats(layout: layout_lib.Generic, own) -> _Center:
-    """The mean ``shift + offset`` as the full-size passes subtract it (see :mod:`normjax._src.layout`).
+def _mean_as_two_floats(layout: layout_lib.Generic, own, merged: bool) -> _Center:
+    """The mean ``shift + offset + offset_error`` in the form the layout subtracts (see :mod:`normjax._src.layout`).
 
-    ``deviation_about_shift``: the shift and the offset themselves, ``(x - shift) - offset`` (``x - shift`` is
-    exact for ``x`` near the shift). Otherwise their float sum ``hi`` and its rounding error ``lo`` (Fast2Sum):
-    the output subtracts ``hi``, as Flax's does, and the derivative corrects by ``lo``, so its components along
-    the reduced axes still cancel.
+    ``"shift, offset"``: the shift and the offset themselves (``x - shift`` is exact for ``x`` near the shift).
+    ``"hi, lo"``: their float sum ``hi`` and its rounding error ``lo`` (Fast2Sum). ``"shift"``: the shift alone
+    (the statistics are then about the mean rounded to one float), or ``hi`` alone once ``merged`` across
+    devices (the offset is then the way from this device's shift to the common mean). The derivative corrects by
+    the rest, always including the offset's division error.
     """
-    if layout.deviation_about_shift:
-        return _Center(own.shift, own.offset, own.offset)
+    if layout.subtracted_mean == "shift, offset":
+        return _Center(own.shift, own.offset, own.offset_error)
+    if layout.subtracted_mean == "shift" and not merged:
+        return _Center(own.shift, None, own.offset + own.offset_error)
     hi = own.shift + own.offset
-    return _Center(hi, (own.shift - hi) + own.offset, None)
+    lo = (own.shift - hi) + own.offset
+    if layout.subtracted_mean == "shift":
+        return _Center(hi, None, lo + own.offset_error)
+    return _Center(hi, lo, own.offset_error)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -340,12 +349,22 @@ def _standardize_jvp(spec: NormSpec, primals, tangents):
     n = jnp.maximum(count, 1)
     dxf = dx.astype(xf.dtype)
     m = () if mask is None else (mask,)
+    subtracted = center.subtracted()  # the mean as the output subtracts it: one or two arrays
     if spec.centered:
         dx_sum = layout.total(lambda dx, m=None: _select(m, dx), (dxf, *m))
-        projection = layout.total(lambda dx, x, k, m=None: _deviation(x, k, m) * dx, (dxf, xf, center.hi, *m))
-        # sum(m (x - mean) dx) with x - mean = (x - hi) - lo (this device's hi and lo): the correction makes the
-        # backward's factor (x - hi) - lo, whose sum over the reduced axes is zero to rounding of the data's spread.
-        dx_sum, projection = psum((dx_sum, projection - center.lo * dx_sum), spec.axis_name, spec.axis_index_groups)
+
+        def weighted_deviation(dx, x, *operands):
+            mean, rest = operands[: len(subtracted)], operands[len(subtracted) :]
+            return _deviation(x, *mean, mask=rest[0] if rest else None) * dx
+
+        projection = layout.total(weighted_deviation, (dxf, xf, *subtracted, *m))
+        # sum(m (x - mean) dx): the deviations as the output forms them sum to n times the rest of the mean (lo where
+        # the output subtracts hi alone, and the offset's division error), not to zero. Corrected by it, the
+        # backward's components along the reduced axes sum to zero to rounding of their own size, even at a large
+        # mean (where a weight upstream of the norm multiplies that sum by the mean).
+        dx_sum, projection = psum(
+            (dx_sum, projection - center.correction * dx_sum), spec.axis_name, spec.axis_index_groups
+        )
         dmean = dx_sum / n
     else:
         projection = psum(
@@ -370,14 +389,13 @@ def _standardize_jvp(spec: NormSpec, primals, tangents):
 
     def deviation_term(fn, factors):
         """The term ``fn(x - mean, *factors)``, with x - mean formed as the output forms it."""
-        mean = (center.hi,) if center.subtracted_lo is None else (center.hi, center.subtracted_lo)
 
         def term(x, *operands):
-            rest = operands[len(mean) :]
+            mean, rest = operands[: len(subtracted)], operands[len(subtracted) :]
             mask_operand, factors = (rest[0], rest[1:]) if m else (None, rest)
-            return fn(_output_deviation(x, operands[0], mask_operand, *operands[1 : len(mean)]), *factors)
+            return fn(_output_deviation(x, mean[0], mask_operand, *mean[1:]), *factors)
 
-        return term, (xf, *mean, *m, *factors)
+        return term, (xf, *subtracted, *m, *factors)
 
     small = jnp.broadcast_shapes(*(jnp.shape(a) for a in per_statistic + per_feature if a is not None)) != x.shape
     if small:
