@@ -261,6 +261,16 @@ def compile_cost(
     )
 
 
+def collective_bytes(hlo_text: str, kind: str = "all-reduce") -> tuple[int, int]:
+    """(number of ``kind`` ops, e.g. ``all-reduce`` or ``all-gather``, and their result bytes per device) in HLO."""
+    ops, total = 0, 0
+    for match in re.finditer(rf"=\s*(.+?)\s+{kind}(?:-start)?\(", hlo_text):
+        ops += 1
+        for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", match.group(1)):
+            total += _ELEMENT_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64))
+    return ops, int(total)
+
+
 def type_bytes(hlo_type: str, device_memory_only: bool = False) -> int:
     """Bytes of an HLO type: an array ``f32[8,128]{1,0}`` or a tuple of them.
 

@@ -33,7 +33,11 @@ ratios measure the extra work and synchronization points, not a real interconnec
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
+if not __package__:  # run as a script: import `benchmarks` from the root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # XLA:CPU runs each simulated device's part of a collective on a thread of a pool sized max(cores, devices); with
@@ -44,10 +48,8 @@ import argparse  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import re  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
@@ -62,12 +64,12 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import normjax  # noqa: E402
 import normjax.linen  # noqa: E402
+from benchmarks._accelerators import collective_bytes  # noqa: E402
 
 DEVICE_COUNTS = (1, 2, 4, 8)
 QUICK_DEVICE_COUNTS = (1, 8)  # the smoke run compiles the smallest and the largest only
 CHANNELS = (16, 32, 32)
 CLASSES = 10
-_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s64": 8, "pred": 1, "s8": 1, "u8": 1}
 
 
 def init_model(key, in_channels: int):
@@ -135,16 +137,6 @@ def make_train_step(mesh: Mesh, synchronized: bool, optimizer, norm: str = "norm
     specs = (P(), P(), state_spec, P("d"), P("d"))
     step = jax.shard_map(local_step, mesh=mesh, in_specs=specs, out_specs=(P(), P(), state_spec, P()))
     return jax.jit(step, donate_argnums=(0, 1, 2))
-
-
-def collective_bytes(hlo_text: str, kind: str = "all-reduce") -> tuple[int, int]:
-    """(number of ``kind`` ops, e.g. all-reduce or all-gather, and their result bytes per device) in HLO text."""
-    ops, total = 0, 0
-    for match in re.finditer(rf"=\s*(.+?)\s+{kind}(?:-start)?\(", hlo_text):
-        ops += 1
-        for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", match.group(1)):
-            total += _BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64))
-    return ops, total
 
 
 def paired_ratio(numerator: list[float], denominator: list[float]) -> tuple[float, list[float]]:

@@ -48,19 +48,6 @@ def _mesh(*shape_and_names):
 # ------------------------------------------------------------------------------ collectives of synchronized norms
 
 
-_BYTES = {"f32": 4, "f64": 8, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1}
-
-
-def collectives(hlo_text: str, kind: str) -> tuple[int, int]:
-    """(number of ``kind`` ops, e.g. ``all-reduce``, and the total bytes of their results) in compiled HLO."""
-    ops, total = 0, 0
-    for match in re.finditer(rf"=\s*(.+?)\s+{kind}(?:-start)?\(", hlo_text):
-        ops += 1
-        for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", match.group(1)):
-            total += _BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64))
-    return ops, total
-
-
 def _batch_norm_hlo(mesh, features: int, masked: bool, backward: bool) -> str:
     """The compiled HLO of one synchronized batch_norm on (N, 4, 4, features), optionally with its gradient."""
 
@@ -87,11 +74,11 @@ def test_one_collective_round_forward_and_one_backward(features, masked):
     of 2F numbers (the sums of the cotangent and of its product with x - mean)."""
     mesh = _mesh(DEVICES, ("d",))
     forward = _batch_norm_hlo(mesh, features, masked, backward=False)
-    assert collectives(forward, "all-gather") == (1, 4 * 4 * features * DEVICES)
-    assert collectives(forward, "all-reduce") == (0, 0)
+    assert _accelerators.collective_bytes(forward, "all-gather") == (1, 4 * 4 * features * DEVICES)
+    assert _accelerators.collective_bytes(forward, "all-reduce") == (0, 0)
     backward = _batch_norm_hlo(mesh, features, masked, backward=True)
-    assert collectives(backward, "all-gather") == (1, 4 * 4 * features * DEVICES)
-    assert collectives(backward, "all-reduce")[1] == 4 * 2 * features
+    assert _accelerators.collective_bytes(backward, "all-gather") == (1, 4 * 4 * features * DEVICES)
+    assert _accelerators.collective_bytes(backward, "all-reduce")[1] == 4 * 2 * features
 
 
 @pytest.mark.parametrize("groups", [None, [[0, 1, 2, 3], [4, 5, 6, 7]]])
@@ -108,9 +95,12 @@ def test_one_all_reduce_round_forward_under_pmap(groups):
     x = jnp.ones((DEVICES, 4, 4, 4, features))
     group_size = DEVICES if groups is None else len(groups[0])
     forward = jax.pmap(loss, axis_name="d").lower(x).compile().as_text()
-    assert collectives(forward, "all-reduce") == (1, 4 * group_size * 4 * features)
+    assert _accelerators.collective_bytes(forward, "all-reduce") == (1, 4 * group_size * 4 * features)
     backward = jax.pmap(jax.grad(loss), axis_name="d").lower(x).compile().as_text()
-    assert collectives(backward, "all-reduce") == (2, 4 * group_size * 4 * features + 4 * 2 * features)
+    assert _accelerators.collective_bytes(backward, "all-reduce") == (
+        2,
+        4 * group_size * 4 * features + 4 * 2 * features,
+    )
 
 
 def test_uncentered_statistics_take_one_small_all_reduce():
@@ -123,8 +113,8 @@ def test_uncentered_statistics_take_one_small_all_reduce():
         out_specs=P("d"),
     )
     hlo = jax.jit(rms).lower(jnp.ones((2 * DEVICES, 4, features))).compile().as_text()
-    assert collectives(hlo, "all-reduce") == (1, 4 * (features + 1))
-    assert collectives(hlo, "all-gather") == (0, 0)
+    assert _accelerators.collective_bytes(hlo, "all-reduce") == (1, 4 * (features + 1))
+    assert _accelerators.collective_bytes(hlo, "all-gather") == (0, 0)
 
 
 @pytest.mark.parametrize(
