@@ -122,12 +122,16 @@ def _is_sharded(x: jax.Array, axes: tuple[int, ...]) -> bool:
     return spec is not None and any(a < len(spec) and spec[a] is not None for a in axes)
 
 
-def sample_shift(x: jax.Array, axes: tuple[int, ...]) -> jax.Array | None:
+def sample_shift(x: jax.Array, axes: tuple[int, ...], *, by_reduction: bool = False) -> jax.Array | None:
     """A value among ``x``'s per statistic (its first element along ``axes``), keepdims; None where it cannot be sliced.
 
     Its only job is to lie among the data, so the common offset cancels in ``x - shift``. Under explicit
     sharding a slice along a sharded axis is not expressible without a collective: the caller then shifts by a
     first-pass mean instead.
+
+    ``by_reduction``: the largest of the first two elements along each reduced axis (along the leading ones for
+    GroupNorm's channels within a group, and of every channel of the group), taken by a reduction, so it comes
+    out in the layout of the statistics (see :class:`normjax._src.layout.XlaTpu`).
     """
     if _is_sharded(x, axes):
         return None
@@ -139,14 +143,23 @@ def sample_shift(x: jax.Array, axes: tuple[int, ...]) -> jax.Array | None:
     trailing = tuple(a for a in axes if a > last_kept)
     contiguous = leading == tuple(range(leading[0], leading[-1] + 1)) if leading else False
     if not (contiguous and trailing) or _is_sharded(x, tuple(range(x.ndim))):
+        if by_reduction:
+            first_two = tuple(min(2, n) if a in axes else n for a, n in enumerate(x.shape))
+            block = jax.lax.slice(x, (0,) * x.ndim, first_two)
+            return jax.lax.stop_gradient(jnp.max(block, axes, keepdims=True))
         return jax.lax.stop_gradient(jax.lax.slice(x, (0,) * x.ndim, limits))
     # Reduced axes on both sides of a kept one (GroupNorm's channels within a group): a strided slice of x would
-    # make XLA's TPU compiler copy all of x into another layout. So the first element along the leading reduced
-    # axes, a contiguous block, is sliced from a view that keeps x's minor axis whole, then the block's first
-    # element along the trailing reduced axes.
+    # make XLA's TPU compiler copy all of x into another layout. So the first elements along the leading reduced
+    # axes, a contiguous block, are sliced from a view that keeps x's minor axis whole, then the block's first
+    # element (or largest value) along the trailing reduced axes.
     first, last = leading[0], leading[-1] + 1
     view = jnp.reshape(x, (math.prod(x.shape[:first]), math.prod(x.shape[first:last]), math.prod(x.shape[last:])))
-    block = jnp.reshape(view[:, :1, :], tuple(1 if a in leading else n for a, n in enumerate(x.shape)))
+    rows = min(2, view.shape[1]) if by_reduction else 1
+    block = jnp.reshape(view[:, :rows, :], x.shape[:first] + (rows,) + x.shape[last:])
+    if by_reduction:
+        block_axes = (first,) + tuple(a - (last - first) + 1 for a in trailing)
+        return jax.lax.stop_gradient(jnp.reshape(jnp.max(block, block_axes), limits))
+    block = jnp.reshape(block, tuple(1 if a in leading else n for a, n in enumerate(x.shape)))
     return jax.lax.stop_gradient(jax.lax.slice(block, (0,) * x.ndim, limits))
 
 
@@ -159,11 +172,13 @@ def shifted_moments(
     total: Total,
     sample_from: jax.Array | None = None,
     about_zero_first: bool = False,
+    shift_by_reduction: bool = False,
 ) -> ShiftedMoments:
     """One device's statistics of ``x`` (in its statistics dtype) over ``axes``, keepdims.
 
     ``sample_from``: ``x`` before its cast to the statistics dtype, if any; the shift is sliced from it, so XLA
     does not write out the cast input for the slice (seen in the GPU and TPU compiles of bfloat16 inputs).
+    ``shift_by_reduction``: how the shift is taken (see :func:`sample_shift`), the layout's choice.
 
     ``total(fn, operands)`` sums ``fn(*operands)`` over ``axes`` (keepdims): a layout's reduction (see
     :mod:`normjax._src.layout`). Masked-out elements are selected away before any arithmetic, so NaN or inf
@@ -206,7 +221,8 @@ def shifted_moments(
         error = jnp.zeros_like(offset) if jnp.iscomplexobj(x) else quotient_error(s1, n, offset)
         return ShiftedMoments(count, shift, offset, m2, error)
 
-    shift = None if mask is not None else sample_shift(x if sample_from is None else sample_from, axes)
+    sampled = x if sample_from is None else sample_from
+    shift = None if mask is not None else sample_shift(sampled, axes, by_reduction=shift_by_reduction)
     shift = None if shift is None else shift.astype(x.dtype)
     if shift is None:  # a masked sample could be padding (NaN): shift by the mean of the valid elements
         shift = jax.lax.stop_gradient(total(lambda x, m=None: valid(x, m), operands) / jnp.maximum(count, 1))

@@ -288,6 +288,7 @@ def _forward(spec: NormSpec, x, scale, bias, mask, epsilon, renorm):
         total=layout.total,
         sample_from=x,
         about_zero_first=layout.about_zero_first,
+        shift_by_reduction=layout.shift_by_reduction,
     )
     own, common = merge_across_devices(
         local, spec.axis_name, spec.axis_index_groups, size=spec.axis_size, centered=spec.centered
