@@ -103,6 +103,31 @@ def test_one_all_reduce_round_forward_under_pmap(groups):
     )
 
 
+@pytest.mark.parametrize("mode", ["unsynchronized", "pmap", "vmap", "shard_map"])
+def test_every_synchronization_runs_the_platforms_layout(mode):
+    """Synchronized or not, the core runs the layout of the platform it is lowered for: on the CPU, XLA:CPU's,
+    whose statistics are summed about zero and again about the sample only where needed (a ``conditional`` in
+    the compiled program), forward and backward."""
+    features = 16
+
+    def loss(x, axis_name="d"):
+        state = normjax.init_batch_norm_state(features)
+        y, _ = normjax.batch_norm(x, state, training=True, axis_name=axis_name)
+        return jnp.sum(jnp.sin(y))
+
+    x = jnp.ones((DEVICES, 4, 4, 4, features))
+    if mode == "unsynchronized":
+        step = jax.jit(jax.grad(functools.partial(loss, axis_name=None)))
+    elif mode == "pmap":
+        step = jax.pmap(jax.grad(loss), axis_name="d")
+    elif mode == "vmap":
+        step = jax.jit(jax.vmap(jax.grad(loss), axis_name="d"))
+    else:
+        mesh = _mesh(DEVICES, ("d",))
+        step = jax.jit(jax.shard_map(jax.grad(lambda x: loss(x[0])), mesh=mesh, in_specs=P("d"), out_specs=P("d")))
+    assert "conditional(" in step.lower(x).compile().as_text()
+
+
 def test_uncentered_statistics_take_one_small_all_reduce():
     features = 16
     mesh = _mesh(DEVICES, ("d",))

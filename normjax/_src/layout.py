@@ -7,7 +7,7 @@ decides how XLA sees it:
 - ``combine(terms)``: ``sum(fn(*operands) for fn, operands in terms)``, an array of the input's shape.
 
 Operands are full-size arrays (the input's shape) or small ones that broadcast against it (statistics,
-parameters). :class:`Generic` states them plainly; it is what GPU and TPU run, and what runs under explicit
+parameters). :class:`Generic` states them plainly; the GPU and TPU layouts refine it, and it runs under explicit
 sharding, where shardings are part of the types and only reductions and broadcasts keep them. XLA's GPU and TPU
 compilers fuse sibling reductions over the same input into one kernel that reads it once (checked in their
 deviceless compiles, ``benchmarks/accelerators.py``).
@@ -47,8 +47,8 @@ class Generic:
 
     The full-size passes subtract the mean as ``hi``, rounded to one float as Flax's output subtracts it, then its
     rounding error ``lo``: ``(x - hi) - lo``. Why ``lo`` too: XLA forms ``hi = shift + s1 * (1 / n)`` again in
-    every fusion that reads it, and XLA:CPU (which runs this layout under explicit sharding and named vmap axes)
-    contracts it into a fused multiply-add in some and not in others; ``hi`` alone could then differ by an ulp of
+    every fusion that reads it, and XLA:CPU (which runs this layout under explicit sharding) contracts it into a
+    fused multiply-add in some and not in others; ``hi`` alone could then differ by an ulp of
     the mean (1e-3 at a mean of 1e4) between the forward's output and the one the backward recomputes: 3e4x Flax's
     gradient error upstream of a BatchNorm, on a quarter of random batches. XLA's GPU compiler sees ``x - hi``
     and the statistics' ``x - shift`` as distinct expressions; a common ``x - shift`` (:class:`XlaTpu`'s form) is
@@ -62,7 +62,8 @@ class Generic:
     shift_by_reduction = False
     subtracted_mean = "hi, lo"
 
-    def __init__(self, shape: tuple[int, ...], reduction_axes: tuple[int, ...], vary):
+    def __init__(self, shape: tuple[int, ...], reduction_axes: tuple[int, ...], vary, *, first_tag: int = 1):
+        del first_tag  # only XlaCpu's views are numbered
         self.shape = tuple(shape)
         self.reduction_axes = reduction_axes
         self.vary = vary
@@ -90,9 +91,9 @@ class XlaCpu(Generic):
     # evaluates the small arrays an elementwise loop reads again in every element.
     subtracted_mean = "shift"
 
-    def __init__(self, shape, reduction_axes, vary):
+    def __init__(self, shape, reduction_axes, vary, *, first_tag: int = 1):
         super().__init__(shape, reduction_axes, vary)
-        self._tags = itertools.count(1)
+        self._tags = itertools.count(first_tag)
         self._plain_taken = False
 
     def total(self, fn, operands) -> jax.Array:

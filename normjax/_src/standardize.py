@@ -47,7 +47,6 @@ from normjax._src import layout as layout_lib
 from normjax._src.moments import (
     Moments,
     merge_across_devices,
-    on_device_axes,
     psum,
     shifted_moments,
     without_unit_axes,
@@ -141,18 +140,9 @@ def standardize(
     operands = (x, scale, bias, mask, epsilon, renorm)
     if jnp.iscomplexobj(x) or any(p is not None and jnp.iscomplexobj(p) for p in (scale, bias)):
         y, mean, var, count = _forward(spec, *operands)[:4]  # not holomorphic: JAX differentiates the forward
-    elif _explicitly_sharded(x) or (spec.axis_name is not None and not on_device_axes(spec.axis_name, x)):
-        # Under vmap or pmap axes, no platform_dependent: its branches lose vmap's named axes when JAX traces
-        # the rule again inside lax.scan (see moments._gather_by_psum).
-        y, mean, var, count = _standardize(spec, *operands)
     else:
-        y, mean, var, count = jax.lax.platform_dependent(
-            *operands,
-            cpu=functools.partial(_standardize, spec._replace(layout="xla_cpu")),
-            tpu=functools.partial(_standardize, spec._replace(layout="xla_tpu")),
-            cuda=functools.partial(_standardize, spec._replace(layout="xla_gpu")),
-            default=functools.partial(_standardize, spec),
-        )
+        layout = "generic" if _explicitly_sharded(x) else PER_PLATFORM
+        y, mean, var, count = _standardize(spec._replace(layout=layout), *operands)
     if spec.zero_masked_outputs:
         y = zero_masked(y, mask)
     return jnp.reshape(y, shape), Moments(mean, var, count)
@@ -190,8 +180,36 @@ def _identity(a):
     return a
 
 
-def _layout(spec: NormSpec, xf) -> layout_lib.Generic:
-    return layout_lib.LAYOUTS[spec.layout](xf.shape, spec.reduction_axes, _varying_fn(spec, xf))
+# The layout of the platform the program is lowered for (``spec.layout``; see :func:`_in_layout`).
+PER_PLATFORM = "per_platform"
+
+
+def _in_layout(spec: NormSpec, xf, piece, *operands, first_tag: int = 1):
+    """``piece(layout, *operands)`` with ``spec.layout``, or, for :data:`PER_PLATFORM`, the layout of the platform
+    the program is lowered for: ``jax.lax.platform_dependent`` (resolved at lowering; visible to jit's cache).
+
+    Why per piece, with the collectives between pieces rather than inside a branch: JAX (0.10.2) traces a
+    ``custom_jvp`` rule again when it is linearized inside ``lax.scan`` under ``vmap``, and there a collective
+    over vmap's named axis inside a branch of ``platform_dependent`` finds the axis unbound. So each piece holds
+    only one device's full-size work, and every norm gets its platform's layout in every sharding mode.
+    ``first_tag``: the first of :class:`~normjax._src.layout.XlaCpu`'s private views, so two pieces of one rule
+    do not share one.
+    """
+    shape, vary = xf.shape, _varying_fn(spec, xf)
+
+    def run(name, *operands):
+        layout = layout_lib.LAYOUTS[name](shape, spec.reduction_axes, vary, first_tag=first_tag)
+        return piece(layout, *operands)
+
+    if spec.layout != PER_PLATFORM:
+        return run(spec.layout, *operands)
+    return jax.lax.platform_dependent(
+        *operands,
+        cpu=functools.partial(run, "xla_cpu"),
+        tpu=functools.partial(run, "xla_tpu"),
+        cuda=functools.partial(run, "xla_gpu"),
+        default=functools.partial(run, "generic"),
+    )
 
 
 def _renorm_factors(spec: NormSpec, ndim, moments: Moments, epsilon, renorm):
@@ -279,17 +297,20 @@ def _nan_if_overflowed(t):
 def _forward(spec: NormSpec, x, scale, bias, mask, epsilon, renorm):
     """The primal computation; also returns what the tangent rule reuses."""
     xf = x.astype(dtypes.stats_dtype(x.dtype))
-    layout = _layout(spec, xf)
-    local = shifted_moments(
-        xf,
-        spec.reduction_axes,
-        mask=mask,
-        centered=spec.centered,
-        total=layout.total,
-        sample_from=x,
-        about_zero_first=layout.about_zero_first,
-        shift_by_reduction=layout.shift_by_reduction,
-    )
+
+    def local_moments(layout, xf, x, mask):
+        return shifted_moments(
+            xf,
+            spec.reduction_axes,
+            mask=mask,
+            centered=spec.centered,
+            total=layout.total,
+            sample_from=x,
+            about_zero_first=layout.about_zero_first,
+            shift_by_reduction=layout.shift_by_reduction,
+        )
+
+    local = _in_layout(spec, xf, local_moments, xf, x, mask)
     own, common = merge_across_devices(
         local, spec.axis_name, spec.axis_index_groups, size=spec.axis_size, centered=spec.centered
     )
@@ -298,9 +319,14 @@ def _forward(spec: NormSpec, x, scale, bias, mask, epsilon, renorm):
     r, d = _renorm_factors(spec, x.ndim, moments, epsilon, renorm)
     gamma = offset_scale(as_affine(scale, x.ndim, spec.feature_axes), spec.scale_offset, inv_std.dtype)
     gamma, beta = _affine(gamma, as_affine(bias, x.ndim, spec.feature_axes), r, d)
-    center = _mean_as_two_floats(layout, own, merged=spec.axis_name is not None)
-    y = standardized_output(xf, center.mean, inv_std, gamma, beta, mask, spec.normalized_dtype, center.residual)
-    return y.astype(spec.out_dtype), moments.mean, moments.var, moments.count, (xf, center, inv_std, gamma, r, d)
+    merged = spec.axis_name is not None
+
+    def output(layout, xf, own, inv_std, gamma, beta, mask):
+        center = _mean_as_two_floats(layout, own, merged)
+        return standardized_output(xf, center.mean, inv_std, gamma, beta, mask, spec.normalized_dtype, center.residual)
+
+    y = _in_layout(spec, xf, output, xf, own, inv_std, gamma, beta, mask)
+    return y.astype(spec.out_dtype), moments.mean, moments.var, moments.count, (xf, own, inv_std, gamma, r, d)
 
 
 class _Center(NamedTuple):
@@ -344,34 +370,18 @@ def _standardize(spec: NormSpec, x, scale, bias, mask, epsilon, renorm):
 def _standardize_jvp(spec: NormSpec, primals, tangents):
     x, scale, bias, mask, epsilon, renorm = primals
     dx, dscale, dbias, _, depsilon, _ = tangents
-    y, mean, var, count, (xf, center, inv_std, gamma, r, d) = _forward(spec, *primals)
-    layout = _layout(spec, xf)
+    y, mean, var, count, (xf, own, inv_std, gamma, r, d) = _forward(spec, *primals)
+    merged = spec.axis_name is not None
     ndim = x.ndim
     n = jnp.maximum(count, 1)
     dxf = dx.astype(xf.dtype)
-    m = () if mask is None else (mask,)
-    subtracted = center.subtracted()  # the mean as the output subtracts it: one or two arrays
     if spec.centered:
-        dx_sum = layout.total(lambda dx, m=None: _select(m, dx), (dxf, *m))
-
-        def weighted_deviation(dx, x, *operands):
-            mean, rest = operands[: len(subtracted)], operands[len(subtracted) :]
-            return _deviation(x, *mean, mask=rest[0] if rest else None) * dx
-
-        projection = layout.total(weighted_deviation, (dxf, xf, *subtracted, *m))
-        # sum(m (x - mean) dx): the deviations as the output forms them sum to n times the rest of the mean (lo where
-        # the output subtracts hi alone, and the offset's division error), not to zero. Corrected by it, the
-        # backward's components along the reduced axes sum to zero to rounding of their own size, even at a large
-        # mean (where a weight upstream of the norm multiplies that sum by the mean).
-        dx_sum, projection = psum(
-            (dx_sum, projection - center.correction * dx_sum), spec.axis_name, spec.axis_index_groups
-        )
+        dx_sum, projection = _in_layout(spec, xf, functools.partial(_projection, merged), dxf, xf, own, mask)
+        dx_sum, projection = psum((dx_sum, projection), spec.axis_name, spec.axis_index_groups)
         dmean = dx_sum / n
     else:
         projection = psum(
-            layout.total(lambda dx, x, m=None: _select(m, x) * dx, (dxf, xf, *m)),
-            spec.axis_name,
-            spec.axis_index_groups,
+            _in_layout(spec, xf, _uncentered_projection, dxf, xf, mask), spec.axis_name, spec.axis_index_groups
         )
         dmean = jnp.zeros_like(mean)
     dvar = 2.0 * projection / n
@@ -385,8 +395,50 @@ def _standardize_jvp(spec: NormSpec, primals, tangents):
     if r is not None and dgamma is not None:  # (x̂ r + d) γ + β, with r and d constants in the derivative
         dgamma, dbeta = dgamma * r, dgamma * d if dbeta is None else dbeta + dgamma * d
     g = jnp.ones((), xf.dtype) if gamma is None else gamma
-    # dy = (dx - dmean) s γ + (x - mean) (ds γ + s dγ) + dβ; the full-size terms are built by the layout.
-    per_statistic, per_feature = (dmean, inv_std, dinv_std), (g, dgamma, dbeta)
+    # The projection's piece used XLA:CPU's first private view (see _in_layout).
+    dy = _in_layout(
+        spec, xf, functools.partial(_output_tangent, merged), dxf, xf, own, mask,
+        (dmean, inv_std, dinv_std), (g, dgamma, dbeta), first_tag=2,
+    )  # fmt: skip
+    return (y, mean, var, count), (dy.astype(y.dtype), dmean, dvar, jnp.zeros_like(count))
+
+
+def _projection(merged: bool, layout: layout_lib.Generic, dxf, xf, own, mask):
+    """This device's ``(sum(m dx), sum(m (x - mean) dx))``, the latter corrected by the rest of the mean.
+
+    ``sum(m (x - mean) dx)``: the deviations as the output forms them sum to n times the rest of the mean (lo
+    where the output subtracts hi alone, and the offset's division error), not to zero. Corrected by it, the
+    backward's components along the reduced axes sum to zero to rounding of their own size, even at a large
+    mean (where a weight upstream of the norm multiplies that sum by the mean).
+    """
+    center = _mean_as_two_floats(layout, own, merged)
+    subtracted = center.subtracted()  # the mean as the output subtracts it: one or two arrays
+    m = () if mask is None else (mask,)
+    dx_sum = layout.total(lambda dx, m=None: _select(m, dx), (dxf, *m))
+
+    def weighted_deviation(dx, x, *operands):
+        mean, rest = operands[: len(subtracted)], operands[len(subtracted) :]
+        return _deviation(x, *mean, mask=rest[0] if rest else None) * dx
+
+    projection = layout.total(weighted_deviation, (dxf, xf, *subtracted, *m))
+    return dx_sum, projection - center.correction * dx_sum
+
+
+def _uncentered_projection(layout: layout_lib.Generic, dxf, xf, mask):
+    """This device's ``sum(m x dx)`` (RMSNorm's)."""
+    m = () if mask is None else (mask,)
+    return layout.total(lambda dx, x, m=None: _select(m, x) * dx, (dxf, xf, *m))
+
+
+def _output_tangent(merged: bool, layout: layout_lib.Generic, dxf, xf, own, mask, per_statistic, per_feature):
+    """``dy = (dx - dmean) s γ + (x - mean) (ds γ + s dγ) + dβ``, its full-size terms built by the layout.
+
+    ``per_statistic = (dmean, s, ds)``, ``per_feature = (γ, dγ, dβ)`` (``dγ``, ``dβ`` may be None).
+    """
+    dmean, inv_std, dinv_std = per_statistic
+    g, dgamma, dbeta = per_feature
+    subtracted = _mean_as_two_floats(layout, own, merged).subtracted()
+    m = () if mask is None else (mask,)
 
     def deviation_term(fn, factors):
         """The term ``fn(x - mean, *factors)``, with x - mean formed as the output forms it."""
@@ -398,7 +450,7 @@ def _standardize_jvp(spec: NormSpec, primals, tangents):
 
         return term, (xf, *subtracted, *m, *factors)
 
-    small = jnp.broadcast_shapes(*(jnp.shape(a) for a in per_statistic + per_feature if a is not None)) != x.shape
+    small = jnp.broadcast_shapes(*(jnp.shape(a) for a in per_statistic + per_feature if a is not None)) != xf.shape
     if small:
         # BatchNorm, InstanceNorm, GroupNorm: every coefficient folds into a small array first, so each full-size
         # array meets one coefficient and the transposed (backward) rule reduces full-size arrays only twice:
@@ -407,7 +459,7 @@ def _standardize_jvp(spec: NormSpec, primals, tangents):
         slope = dinv_std * g if dgamma is None else dinv_std * g + inv_std * dgamma
         shift = -dmean * gain
         if mask is None:
-            if dbeta is not None and jnp.broadcast_shapes(jnp.shape(shift), jnp.shape(dbeta)) != x.shape:
+            if dbeta is not None and jnp.broadcast_shapes(jnp.shape(shift), jnp.shape(dbeta)) != xf.shape:
                 # beta's cotangent is then the small sum of the shift's (InstanceNorm, GroupNorm: over the
                 # batch), not a second full-size reduction of the output's cotangent.
                 shift, dbeta = shift + dbeta, None
@@ -434,5 +486,4 @@ def _standardize_jvp(spec: NormSpec, primals, tangents):
             terms.append(deviation_term(lambda deviation, s, dg: deviation * s * dg, (inv_std, dgamma)))
     if dbeta is not None:
         terms.append((lambda db: db, (dbeta,)))
-    dy = layout.combine(terms)
-    return (y, mean, var, count), (dy.astype(y.dtype), dmean, dvar, jnp.zeros_like(count))
+    return layout.combine(terms)
